@@ -1,0 +1,19 @@
+"""Glue between torch and the core: streams and caller-allocated workspaces."""
+
+from __future__ import annotations
+
+import torch
+
+
+def stream_handle(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as an integer (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:
+    """A byte workspace from torch's allocator (the core never allocates device memory)."""
+    if device.type != "cuda" or nbytes <= 0:
+        return None
+    return torch.empty(int(nbytes), dtype=torch.uint8, device=device)

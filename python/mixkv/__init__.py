@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mixkv import _core
 
 __version__: str = _core.__version__
@@ -17,4 +19,28 @@ def cuda_compiled() -> bool:
     return bool(_core.cuda_compiled())
 
 
-__all__ = ["__version__", "cuda_available", "cuda_compiled"]
+_LAZY: dict[str, tuple[str, str]] = {
+    "MixKVCache": ("mixkv.cache", "MixKVCache"),
+    "load_sparsemm_table": ("mixkv.tables", "load_sparsemm_table"),
+    "load_redundancy_table": ("mixkv.tables", "load_redundancy_table"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the transformers integration on first use (``import mixkv`` stays light)."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'mixkv' has no attribute {name!r}")
+
+
+__all__ = [
+    "MixKVCache",
+    "__version__",
+    "cuda_available",
+    "cuda_compiled",
+    "load_redundancy_table",
+    "load_sparsemm_table",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,3 +198,31 @@ BUILDERS: dict[str, Callable[..., TinyModel]] = {
     "internvl": internvl,
     "llama": text_lm,
 }
+
+
+def cache_keyword(model: Any) -> str:
+    """The generate() keyword that takes a Cache ("cache" in newer transformers, "past_key_values" before)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def generate(
+    tiny: TinyModel,
+    inputs: dict[str, torch.Tensor],
+    cache: Any = None,
+    new_tokens: int = 16,
+    **kwargs: Any,
+) -> Any:
+    """Greedy generation of exactly ``new_tokens`` tokens (with ``cache`` when given)."""
+    extra = dict(kwargs)
+    if cache is not None:
+        extra[cache_keyword(tiny.model)] = cache
+    device = tiny.model.device
+    with torch.no_grad():
+        return tiny.model.generate(
+            **{k: v.to(device) for k, v in inputs.items()},
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            **extra,
+        )

@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 stages=${*:-build test sanitize bench}
 summary="$OUT/summary.txt"
 : >"$summary"
-note() { echo "$*" | tee -a "$summary"; }
+note() { echo "$*" >>"$summary"; }
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -24,13 +24,13 @@ for stage in $stages; do
         $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
       rc=$?
       note "build rc=$rc ($(( $(date +%s) - t0 )) s); cuda_available=$($PY -c 'import mixkv; print(mixkv.cuda_available())' 2>&1 | tail -1)"
-      [ $rc -eq 0 ] || { tail -40 "$OUT/build.log"; exit 1; }
+      [ $rc -eq 0 ] || { tail -40 "$OUT/build.log"; cat "$summary"; exit 1; }
       ;;
     test)
       (cd tests && MIXKV_HYPOTHESIS_PROFILE=gpu timeout 420 $PY -m pytest -p no:cacheprovider -q -m cuda \
         -o addopts="" --junitxml="$OUT/pytest_cuda.xml" >"$OUT/pytest_cuda.log" 2>&1)
       note "pytest -m cuda rc=$? ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/pytest_cuda.log")"
-      grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -20 | tee -a "$summary"
+      grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -20 >>"$summary"
       ;;
     sanitize)
       for tool in memcheck racecheck; do
@@ -44,7 +44,7 @@ for stage in $stages; do
         name=$(basename "$b" .py)
         timeout 300 $PY "$b" --out "$OUT/$name.json" >"$OUT/$name.log" 2>&1
         note "$name rc=$?"
-        tail -25 "$OUT/$name.log" | tee -a "$summary"
+        tail -40 "$OUT/$name.log" >>"$summary"
       done
       ;;
     *)

@@ -27,10 +27,9 @@ HQ, HKV, DIM, WINDOW, LAYERS = 28, 4, 128, 32, 28
 
 
 def make_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: str, mix: bool, budget: int):
+    from mixkv.ops import compute_scores
     from mixkv.ops._budget import capacities_into
     from mixkv.ops._select import select_into
-
-    from mixkv.ops import compute_scores
 
     batch, prefix = k.shape[0], k.shape[2] - WINDOW
     caps = torch.empty(batch, HKV, dtype=torch.int32, device=k.device)

@@ -47,6 +47,11 @@ for stage in $stages; do
         tail -40 "$OUT/$name.log" >>"$summary"
       done
       ;;
+    e2e)
+      timeout 400 $PY scripts/gpu_e2e.py --out "$OUT/gpu_e2e.json" >"$OUT/gpu_e2e.log" 2>&1
+      note "gpu_e2e rc=$? ($(( $(date +%s) - t0 )) s)"
+      tail -12 "$OUT/gpu_e2e.log" >>"$summary"
+      ;;
     *)
       note "unknown stage $stage"
       ;;

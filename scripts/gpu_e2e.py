@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+from transformers import AutoConfig, PretrainedConfig, Qwen2VLForConditionalGeneration
 
 from mixkv import MixKVCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_inputs(config, grid: int, text: int, device: torch.device) -> dict[str, torch.Tensor]:
+def build_inputs(config: PretrainedConfig, grid: int, text: int, device: torch.device) -> dict[str, torch.Tensor]:
     merge = config.vision_config.spatial_merge_size
     n_image = (grid // merge) ** 2
     gen = torch.Generator().manual_seed(0)

@@ -56,7 +56,7 @@ def main() -> int:
         return 0
     device = torch.device("cuda")
     torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(ROOT / "configs" / "qwen2-vl-7b")
+    config = AutoConfig.from_pretrained(ROOT / "python" / "mixkv" / "configs" / "qwen2-vl-7b")
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
     inputs = build_inputs(config, args.grid, 64, device)

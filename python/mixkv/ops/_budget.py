@@ -159,7 +159,11 @@ def capacities_into(
     scores_row = None
     if policy == "sparsemm":
         scores_row = _layer_head_scores(
-            opts["head_scores"], layer_idx=layer_idx, num_layers=num_layers, heads=h, device=imp.device,
+            opts["head_scores"],
+            layer_idx=layer_idx,
+            num_layers=num_layers,
+            heads=h,
+            device=imp.device,
             validate=validate,
         )
     if validate:

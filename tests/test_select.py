@@ -185,3 +185,20 @@ def test_select_device_mismatch() -> None:
     s = torch.rand((1, 1, 4), device="cuda")
     with pytest.raises(ValueError, match="capacities"):
         select(s, torch.ones((1, 1), dtype=torch.int32))
+
+
+def test_strided_outputs(device: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    scores_big = torch.randn((3, 5, 70), generator=gen)
+    scores = scores_big[:, 1:4]  # leading-dimension strides, contiguous rows
+    caps = torch.randint(0, 71, (3, 3), generator=gen).T  # non-contiguous capacities
+    pos_buf = torch.full((3, 3, 80), POISON, dtype=torch.int32, device=device)
+    cnt_buf = torch.full((3, 3), POISON, dtype=torch.int32, device=device)
+    pos, cnt = pos_buf[:, :, 5:75], cnt_buf.T
+    select_into(scores.to(device), caps.to(device), pos, cnt)
+    exp_pos, exp_cnt = reference(scores, caps)
+    for i in range(3):
+        for j in range(3):
+            assert pos[i, j].tolist() == exp_pos[i][j] + [-1] * (70 - len(exp_pos[i][j]))
+            assert int(cnt[i, j]) == exp_cnt[i][j]
+    assert bool((pos_buf[:, :, :5] == POISON).all()) and bool((pos_buf[:, :, 75:] == POISON).all())

@@ -341,11 +341,14 @@ def test_constant_norms_map_to_zero(device: str) -> None:
     a = scores(q, k, v, method="attn", pooling="avg", kernel_size=3)
     vn = scores(q, k, v, method="vnorm", pooling="avg", kernel_size=3)
     assert torch.equal(a, vn)
-    # identical keys: no diversity (0 everywhere) and r = 1, so mixkv scores are exactly 0
+    # identical keys: no diversity (0 everywhere) and r = 1, so mixkv scores vanish
     k = k[:, :, :1].expand_as(k).contiguous()
     s = compute_scores(q, k, v, method="mixkv", pooling="avg", kernel_size=3, gqa="mean")
-    assert torch.equal(s.redundancy.cpu(), torch.ones(1, 1))
-    assert torch.equal(s.scores.cpu(), torch.zeros_like(s.scores.cpu()))
+    # (r = 1 up to the rounding of the unit keys' squared norm)
+    assert abs(float(s.redundancy) - 1.0) <= 1e-6
+    assert float(s.scores.abs().max()) <= 1e-6 * float(
+        compute_scores(q, k, v, method="attn", pooling="avg", kernel_size=3, gqa="mean").scores.max()
+    )
 
 
 # ---- head redundancy ----------------------------------------------------------------------------
@@ -376,7 +379,7 @@ def test_head_redundancy_matches_reference(
 def test_head_redundancy_clamps(device: str) -> None:
     row = torch.randn(1, 1, 1, 64)
     same = row.expand(1, 1, 10, 64).contiguous().to(device)
-    assert float(head_redundancy(same)) == 1.0
+    assert abs(float(head_redundancy(same)) - 1.0) <= 1e-6
     opposite = torch.cat([row, -row], dim=2).to(device)  # mean key 0: r = -1/(n-1) -> 0
     assert float(head_redundancy(opposite)) == 0.0
     assert float(head_redundancy(row.to(device))) == 0.0  # a single token

@@ -333,6 +333,21 @@ def test_strided_inputs(device: str) -> None:
     assert_close_rows(got, ref.scores, 1e-4, 1e-5, "scores")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [36, 72])
+def test_odd_head_dims(device: str, dtype: torch.dtype, d: int) -> None:
+    """Head dimensions that are not a multiple of 16 (zero-padded tiles, unaligned rows)."""
+    q, k, v = make_inputs(2, 6, 2, 75, 20, d, dtype, device, d)
+    valid = torch.tensor([75, 31], device=device)
+    for method in ("mixkv", "knorm"):
+        got = run_core(q, k, v, method=method, pooling="max", kernel_size=3, gqa="max", valid=valid)
+        want = reference(
+            q, k, v, method=method, pooling="max", kernel_size=3, gqa="max", redundancy=None, valid=[75, 31], scale=None
+        )
+        assert_close_rows(got.scores, want.scores, 2e-4, 2e-5, "scores")
+        assert_close_rows(got.importance, want.importance, 2e-4, 2e-5, "importance")
+
+
 def test_constant_norms_map_to_zero(device: str) -> None:
     """A constant value-norm row normalises to 0 (the epsilon), so vnorm equals attn."""
     q, k, v = make_inputs(1, 4, 1, 40, 8, 64, torch.float32, device, 2)
@@ -434,6 +449,7 @@ def _call(**over: object) -> None:
         ({"valid_lengths": torch.tensor([20.0, 5.0])}, TypeError, "valid_lengths"),
         ({"scale": -1.0}, ValueError, "scale"),
         ({"scale": "a"}, TypeError, "scale"),
+        ({"keys": torch.zeros(2, 2, 20, 16, device="meta")}, ValueError, "keys"),
     ],
 )
 def test_validation(over: dict, exc: type[Exception], word: str) -> None:

@@ -172,7 +172,7 @@ def test_bad_arguments_exit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_methods() -> None:
-    assert [m.name for m in ALL_METHODS][0] == "full"
+    assert ALL_METHODS[0].name == "full"
     assert len(ALL_METHODS) == 9
     assert parse_method("AdaKV+mix") == Method("adakv", True)
     assert parse_method("snapkv") == Method("snapkv", False)

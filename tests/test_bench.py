@@ -11,6 +11,7 @@ from transformers import InternVLConfig, LlavaNextConfig, PretrainedConfig, Qwen
 
 import mixkv
 from mixkv.bench import main as bench_main
+from mixkv.bench.compress import COMPRESS_POLICIES, bench_compress
 from mixkv.bench.figure import draw_efficiency, have_matplotlib
 from mixkv.bench.methods import ALL_METHODS, Method, parse_method
 from mixkv.bench.models import MODELS, ModelSpec, attention_dims, build_model, load_config
@@ -280,20 +281,20 @@ def _settings(tmp_path: Path, methods: list[str], parts: list[str]) -> bench_mai
     return settings
 
 
-def _run_tiny(tmp_path: Path, methods: list[str], parts: list[str]) -> dict:
+def _run_tiny(tmp_path: Path, methods: list[str], parts: list[str], device: str = "cpu") -> dict:
     saved: list[int] = []
     settings = _settings(tmp_path, methods, parts)
     config = tiny_qwen()
     results = run_all(
-        settings, torch.device("cpu"), lambda r: saved.append(len(r["e2e"])), configs={"tiny-qwen2-vl": config}
+        settings, torch.device(device), lambda r: saved.append(len(r["e2e"])), configs={"tiny-qwen2-vl": config}
     )
     assert saved, "results are saved as the run goes"
     return results
 
 
-def test_tiny_end_to_end_full_cache_cpu(tmp_path: Path) -> None:
+def test_tiny_end_to_end_full_cache(tmp_path: Path, device: str) -> None:
     torch.manual_seed(0)
-    results = _run_tiny(tmp_path, ["full"], ["e2e", "memory", "throughput"])
+    results = _run_tiny(tmp_path, ["full"], ["e2e", "memory", "throughput"], device)
     (row,) = results["e2e"]
     assert "error" not in row, row
     assert row["new_tokens"] == 5 and row["prompt_tokens"] == 48 and row["batch"] == 1
@@ -301,24 +302,47 @@ def test_tiny_end_to_end_full_cache_cpu(tmp_path: Path) -> None:
     assert row["decode_ms_per_token"] > 0
     # bf16 keys and values of 2 layers x 2 kv heads x head dim 16 over prompt + 4 appended tokens
     assert row["cache_bytes"] == row["full_cache_bytes"] == 2 * 2 * 2 * 16 * (48 + 4) * 2
-    assert row["peak_bytes"] is None
-    (mem,) = results["memory"]
-    assert "CUDA" in mem["error"] and mem["weights_bytes"] > 0
     (tp,) = results["throughput"]
+    if device == "cpu":
+        assert row["peak_bytes"] is None
+        (mem,) = results["memory"]
+        assert "CUDA" in mem["error"] and mem["weights_bytes"] > 0
+    else:
+        assert row["peak_bytes"] > row["cache_bytes"]
+        assert tp["peak_bytes"] > 0
+        # the memory probe needs a compressed method: with only the full cache it reports why
+        (mem,) = results["memory"]
+        assert "compressed" in mem["error"]
     assert tp["max_batch"] == 2 and tp["search_capped"] and tp["measured_batch"] == 2
     assert tp["decode_tokens_per_s"] > 0
     write_results(tmp_path / "bench.json", {}, results)
     assert json.loads((tmp_path / "bench.json").read_text())["e2e"][0]["method"] == "full"
 
 
-def test_tiny_end_to_end_compressed_cpu(tmp_path: Path) -> None:
+def test_tiny_end_to_end_compressed(tmp_path: Path, device: str) -> None:
     if not hasattr(mixkv, "MixKVCache"):
         pytest.skip("mixkv.MixKVCache is not in this build yet")
     torch.manual_seed(0)
-    results = _run_tiny(tmp_path, ["full", "snapkv", "adakv+mixkv"], ["e2e"])
+    parts = ["e2e"] if device == "cpu" else ["e2e", "memory"]
+    results = _run_tiny(tmp_path, ["full", "snapkv", "adakv+mixkv"], parts, device)
     rows = {r["method"]: r for r in results["e2e"]}
     for name in ("snapkv", "adakv+mixkv"):
         row = rows[name]
         assert "error" not in row, row
         assert row["new_tokens"] == 5
         assert row["cache_bytes"] < row["full_cache_bytes"]
+    if device == "cuda":
+        mem = results["memory"]
+        assert mem and all("error" not in m for m in mem), mem
+        assert all(m["layer_working_set_bytes"] > 0 for m in mem)
+
+
+def test_compress_rows(device: str) -> None:
+    dims = {"layers": 4, "q_heads": 4, "kv_heads": 2, "head_dim": 16}
+    rows = bench_compress("tiny", dims, length=80, budget=40, device=torch.device(device), reps=1, loop_reps=1)
+    assert [(r["policy"], r["mix"]) for r in rows] == [(p, m) for p, m in COMPRESS_POLICIES]
+    for row in rows:
+        assert row["loop_ms"] > 0 and row["length"] == 80
+        assert ("error" in row) != ("mixkv_ms" in row)
+        if "mixkv_ms" in row:
+            assert row["speedup_vs_loop"] > 0

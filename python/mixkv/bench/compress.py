@@ -36,7 +36,7 @@ def make_step(
     layers: int,
 ) -> Callable[[], None]:
     """The mixkv compression step of one layer on fixed tensors (outputs preallocated)."""
-    from mixkv.ops import compute_scores  # type: ignore[attr-defined]
+    from mixkv import ops
     from mixkv.ops._budget import capacities_into  # type: ignore[attr-defined]
     from mixkv.ops._select import select_into  # type: ignore[attr-defined]
 
@@ -46,6 +46,8 @@ def make_step(
     max_cap = max(0, min(budget - WINDOW, prefix)) if policy == "snapkv" else prefix
     positions = torch.empty(batch, kv_heads, max(max_cap, 1), dtype=torch.int32, device=k.device)
     counts = torch.empty(batch, kv_heads, dtype=torch.int32, device=k.device)
+
+    compute_scores = getattr(ops, "compute_scores", None) or ops.scores
 
     def step() -> None:
         res = compute_scores(

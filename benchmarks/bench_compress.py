@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import copy_bandwidth, median_eager_us, median_graph_us
-from loop_reference import loop_compress
+
+from mixkv.bench.loop_reference import loop_compress
 
 HQ, HKV, DIM, WINDOW, LAYERS = 28, 4, 128, 32, 28
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build for sm_90, run the CUDA tests, compute-sanitizer and benchmarks.
+# Results (logs, JSON, summary) go under $OUT. Usage: bash scripts/gpu_run.sh [stage ...]
+# stages: build test sanitize bench e2e (default: build test sanitize bench)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+stages=${*:-build test sanitize bench}
+summary="$OUT/summary.txt"
+: >"$summary"
+note() { echo "$*" >>"$summary"; }
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+note "== device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
+note "== torch $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)') transformers $($PY -c 'import transformers; print(transformers.__version__)')"
+
+for stage in $stages; do
+  t0=$(date +%s)
+  case $stage in
+    build)
+      MIXKV_CUDA=ON MIXKV_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+        $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
+      rc=$?
+      note "build rc=$rc ($(( $(date +%s) - t0 )) s); cuda_available=$($PY -c 'import mixkv; print(mixkv.cuda_available())' 2>&1 | tail -1)"
+      [ $rc -eq 0 ] || { tail -40 "$OUT/build.log"; cat "$summary"; exit 1; }
+      ;;
+    test)
+      (cd tests && MIXKV_HYPOTHESIS_PROFILE=gpu timeout 420 $PY -m pytest -p no:cacheprovider -q -m cuda \
+        -o addopts="" --junitxml="$OUT/pytest_cuda.xml" >"$OUT/pytest_cuda.log" 2>&1)
+      note "pytest -m cuda rc=$? ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT/pytest_cuda.log")"
+      grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -20 >>"$summary"
+      ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 --target-processes all \
+          $PY scripts/sanitize_kernels.py >"$OUT/sanitize_$tool.log" 2>&1
+        note "compute-sanitizer $tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+      done
+      ;;
+    bench)
+      for b in benchmarks/bench_*.py; do
+        name=$(basename "$b" .py)
+        timeout 300 $PY "$b" --out "$OUT/$name.json" >"$OUT/$name.log" 2>&1
+        note "$name rc=$?"
+        tail -40 "$OUT/$name.log" >>"$summary"
+      done
+      ;;
+    e2e)
+      timeout 400 $PY scripts/gpu_e2e.py --out "$OUT/gpu_e2e.json" >"$OUT/gpu_e2e.log" 2>&1
+      note "gpu_e2e rc=$? ($(( $(date +%s) - t0 )) s)"
+      tail -12 "$OUT/gpu_e2e.log" >>"$summary"
+      ;;
+    *)
+      note "unknown stage $stage"
+      ;;
+  esac
+done
+cat "$summary"

@@ -1,0 +1,68 @@
+"""Runs every CUDA kernel once on small shapes (padding, GQA, every dtype): the compute-sanitizer driver."""
+
+from __future__ import annotations
+
+import torch
+
+import mixkv.ops as ops
+from mixkv.store import VarlenKVStore
+
+
+def run(dtype: torch.dtype, n: int, budget: int) -> None:
+    dev = torch.device("cuda")
+    batch, hq, hkv, window, dim = 2, 8, 2, 16, 64
+    valid = torch.tensor([n, n - 83], dtype=torch.int32, device=dev)
+    q = torch.randn(batch, hq, window, dim, device=dev, dtype=dtype)
+    k = torch.randn(batch, hkv, n, dim, device=dev, dtype=dtype)
+    v = torch.randn(batch, hkv, n, dim, device=dev, dtype=dtype)
+    opts = {"snapkv": {}, "pyramidkv": {}, "adakv": {}, "sparsemm": {"head_scores": torch.full((4, hkv), 1 / 8)}}
+    for method in ops.METHODS:
+        for pooling in ops.POOLINGS:
+            res = ops.compute_scores(
+                q,
+                k,
+                v,
+                method=method,
+                pooling=pooling,
+                kernel_size=5,
+                gqa="mean",
+                valid_lengths=valid,
+                need_importance=True,
+            )
+    assert res.importance is not None
+    ops.head_redundancy(k, valid_lengths=valid)
+    for policy in ops.POLICIES:
+        extra = dict(opts[policy])
+        if "head_scores" in extra:
+            extra["head_scores"] = extra["head_scores"].to(dev)
+        caps = ops.capacities(
+            policy,
+            res.importance,
+            budget=budget,
+            window=window,
+            layer_idx=1,
+            num_layers=4,
+            valid_lengths=valid,
+            **extra,
+        )
+        positions, counts = ops.select(res.scores, caps)
+    store = VarlenKVStore.from_selection(k, v, positions, counts, window, reserve=4, valid_lengths=valid)
+    for _ in range(10):  # crosses the reservation: growth
+        store.append(torch.randn(batch, hkv, 1, dim, device=dev, dtype=dtype), torch.randn_like(k[:, :, :1]))
+        store.attend(torch.randn(batch, hq, 1, dim, device=dev, dtype=dtype))
+    store.append(torch.randn(batch, hkv, 3, dim, device=dev, dtype=dtype), torch.randn_like(k[:, :, :3]))
+    store.attend(torch.randn(batch, hq, 3, dim, device=dev, dtype=dtype))
+    store.reorder(torch.tensor([1, 0, 1], device=dev))
+    store.attend(torch.randn(3, hq, 1, dim, device=dev, dtype=dtype))
+    torch.cuda.synchronize()
+
+
+def main() -> None:
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        run(dtype, n=300, budget=40)
+    run(torch.bfloat16, n=5000, budget=4000)  # long segments: the split attention path
+    print("sanitize driver: every kernel ran")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import BUILDERS, TinyModel, cache_keyword, generate
 from transformers import DynamicCache
 
 import mixkv.ops
 from mixkv import MixKVCache
+from models import BUILDERS, TinyModel, cache_keyword, generate
 
 MODELS = list(BUILDERS)
 POLICIES = ["snapkv", "pyramidkv", "adakv", "sparsemm"]

@@ -23,13 +23,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mixkv import _attention
 from mixkv.adapters import TextModelSpec, text_model_spec
-from mixkv.ops import capacities, compute_scores, select
+from mixkv.ops import capacities, select
+from mixkv.ops._score import compute_scores
 from mixkv.store import VarlenKVStore
 from mixkv.tables import TableSource, load_redundancy_table, load_sparsemm_table
 
 POLICIES: tuple[str, ...] = ("snapkv", "pyramidkv", "adakv", "sparsemm")
 SCORE_METHODS: tuple[str, ...] = ("attn", "keydiff", "vnorm", "knorm", "uniform-mix", "mixkv")
 POOLINGS: tuple[str, ...] = ("avg", "max")
+BACKENDS: tuple[str, ...] = ("auto", "mixkv", "flash", "torch")
 GQA_REDUCTIONS: tuple[str, ...] = ("mean", "max")
 OPTIONS: tuple[str, ...] = (
     "policy",
@@ -66,7 +68,7 @@ class CompressionSettings:
     floor: float
     normalize: bool
     skip: int
-    beta: int
+    beta: float
     sparsemm_ratio: float
     backend: str
     reserve: int | None
@@ -180,7 +182,7 @@ class MixKVLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.store is not None:
-            batch = int(self.store.lengths.shape[0])
+            batch = self.store.batch_size
             self._select_batch(torch.arange(batch).repeat_interleave(repeats))
 
     def _select_batch(self, indices: torch.Tensor) -> None:
@@ -271,6 +273,7 @@ class MixKVLayer(CacheLayerMixin):
                 valid_lengths=valid,
                 scale=scaling,
                 need_importance=need_importance,
+                validate=False,
             )
             scores = result.scores
             importance = result.importance if result.importance is not None else result.scores
@@ -311,11 +314,12 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def _check_fraction(name: str, value: object) -> float:
+def _check_number(name: str, value: object, low: float, high: float, *, include_high: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    inside = low <= value <= high if include_high else low <= value < high
+    if not (math.isfinite(value) and inside):
+        raise ValueError(f"{name} must lie in [{low}, {high}{']' if include_high else ')'}, got {value}")
     return float(value)
 
 
@@ -352,7 +356,8 @@ class MixKVCache(Cache):
         sparsemm_table: SparseMM head scores (path, dict or tensor; required for policy="sparsemm").
         sparsemm_ratio: SparseMM's minimum share of the base budget per head.
         redundancy_table: offline head redundancy r (path, dict or tensor); default: online r.
-        backend: decode attention backend of the store.
+        backend: decode attention of the store: "auto"/"mixkv" (own kernel), "flash" (flash-attn varlen)
+            or "torch" (torch's varlen attention); the last two need CUDA and float16/bfloat16.
         reserve: decode tokens to reserve per segment at prefill (None: the store's default).
         record: keep each layer's prefill scores, importance and capacities (``cache.layers[l].record``).
     """
@@ -371,7 +376,7 @@ class MixKVCache(Cache):
         floor: float = 0.2,
         normalize: bool = True,
         skip: int = 0,
-        beta: int = 20,
+        beta: float = 20,
         sparsemm_table: TableSource | None = None,
         sparsemm_ratio: float = 0.1,
         redundancy_table: TableSource | None = None,
@@ -395,13 +400,14 @@ class MixKVCache(Cache):
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         _check_choice("gqa", gqa, GQA_REDUCTIONS)
-        floor = _check_fraction("floor", floor)
+        floor = _check_number("floor", floor, 0.0, 1.0)
         _check_bool("normalize", normalize)
         _check_int("skip", skip, 0)
-        _check_int("beta", beta, 1)
-        sparsemm_ratio = _check_fraction("sparsemm_ratio", sparsemm_ratio)
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        beta = _check_number("beta", beta, 0.0, math.inf, include_high=False)
+        if beta == 0.0:
+            raise ValueError("beta must be > 0")
+        sparsemm_ratio = _check_number("sparsemm_ratio", sparsemm_ratio, 0.0, 1.0, include_high=False)
+        _check_choice("backend", backend, BACKENDS)
         if reserve is not None:
             _check_int("reserve", reserve, 0)
         _check_bool("record", record)
@@ -469,7 +475,7 @@ class MixKVCache(Cache):
         for layer in self.layers:
             if layer.store is None:
                 continue
-            batch = int(layer.store.lengths.shape[0])
+            batch = layer.store.batch_size
             itemsize = torch.empty((), dtype=layer.dtype).element_size()
             total += batch * self.spec.num_kv_heads * layer.seq_length * self.spec.head_dim * 2 * itemsize
         return total

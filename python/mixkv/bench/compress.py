@@ -36,9 +36,7 @@ def make_step(
     layers: int,
 ) -> Callable[[], None]:
     """The mixkv compression step of one layer on fixed tensors (outputs preallocated)."""
-    from mixkv import ops
-    from mixkv.ops._budget import capacities_into  # type: ignore[attr-defined]
-    from mixkv.ops._select import select_into  # type: ignore[attr-defined]
+    from mixkv.ops import capacities_into, compute_scores, select_into
 
     batch, kv_heads, n = k.shape[0], k.shape[1], k.shape[2]
     prefix = n - WINDOW
@@ -46,8 +44,6 @@ def make_step(
     max_cap = max(0, min(budget - WINDOW, prefix)) if policy == "snapkv" else prefix
     positions = torch.empty(batch, kv_heads, max(max_cap, 1), dtype=torch.int32, device=k.device)
     counts = torch.empty(batch, kv_heads, dtype=torch.int32, device=k.device)
-
-    compute_scores = getattr(ops, "compute_scores", None) or ops.scores
 
     def step() -> None:
         res = compute_scores(
@@ -65,11 +61,11 @@ def make_step(
         capacities_into(
             policy,
             importance,
-            caps,
             budget=budget,
             window=WINDOW,
             layer_idx=layers // 2,
             num_layers=layers,
+            out=caps,
             validate=False,
         )
         select_into(res.scores, caps, positions, counts, validate=False)

@@ -52,3 +52,10 @@ def median_graph_ms(fn: Callable[[], object], reps: int = 20, inner: int = 5) ->
         end.synchronize()
         times.append(start.elapsed_time(end) / inner)
     return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (median_graph_ms(lambda: dst.copy_(src), reps=reps, inner=1) / 1e3)

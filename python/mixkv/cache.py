@@ -23,8 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mixkv import _attention
 from mixkv.adapters import TextModelSpec, text_model_spec
-from mixkv.ops import capacities, select
-from mixkv.ops._score import compute_scores
+from mixkv.ops import capacities, compute_scores, select
 from mixkv.store import VarlenKVStore
 from mixkv.tables import TableSource, load_redundancy_table, load_sparsemm_table
 

@@ -252,7 +252,7 @@ class MixKVLayer(CacheLayerMixin):
         caps: torch.Tensor | None = None
         if length <= s.window:
             window = length
-            positions = torch.empty(batch, num_kv_heads, 0, dtype=torch.int32, device=keys.device)
+            positions = torch.full((batch, num_kv_heads, 1), -1, dtype=torch.int32, device=keys.device)
             counts = torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=keys.device)
         else:
             window = s.window
@@ -290,6 +290,8 @@ class MixKVLayer(CacheLayerMixin):
                 **options,
             )
             positions, counts = select(scores, caps)
+            if positions.shape[2] == 0:  # no head keeps a prefix token: one unused (-1) column
+                positions = torch.full((batch, num_kv_heads, 1), -1, dtype=torch.int32, device=keys.device)
         self.store = VarlenKVStore.from_selection(
             keys, values, positions, counts, window, reserve=s.reserve, valid_lengths=valid
         )

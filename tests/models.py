@@ -174,14 +174,16 @@ def internvl(path: Path, attn_implementation: str = "sdpa") -> TinyModel:
     return TinyModel("internvl", model, 3, 2, 16, make_inputs)
 
 
-def text_lm(path: Path, model_type: str = "llama", attn_implementation: str = "sdpa") -> TinyModel:
+def text_lm(
+    path: Path, model_type: str = "llama", attn_implementation: str = "sdpa", sliding_window: int | None = None
+) -> TinyModel:
     classes: dict[str, tuple[type, type]] = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }
     config_cls, model_cls = classes[model_type]
-    extra = {"sliding_window": None} if model_type == "mistral" else {}
+    extra = {"sliding_window": sliding_window} if model_type == "mistral" else {}
     model = _load(config_cls(**_TEXT, **extra), model_cls, path, attn_implementation)
 
     def make_inputs(text_lengths: list[int]) -> dict[str, torch.Tensor]:

@@ -267,3 +267,30 @@ def test_beam_search_reorders_the_store(tiny: TinyModel) -> None:
     cache = _cache(tiny, "snapkv", budget=n + 8)
     assert torch.equal(generate(tiny, inputs, cache, new_tokens=6, num_beams=2), full)
     assert math.prod(cache.lengths(0).shape) == 2 * tiny.num_kv_heads
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_decoding_backends_agree_on_cuda(tmp_path_factory: pytest.TempPathFactory, dtype) -> None:
+    """On the GPU: every decode backend of the store gives the same logits on a half-precision model."""
+    from mixkv import _backends
+
+    tiny = BUILDERS["qwen2_vl"](tmp_path_factory.mktemp("half"))
+    tiny.model.to("cuda", dtype)
+    inputs = tiny.make_inputs(BATCH_TEXT)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    runs = {}
+    for backend in _backends.available(torch.device("cuda"), dtype):
+        cache = _cache(tiny, "adakv", backend=backend)
+        out = generate(tiny, inputs, cache, new_tokens=8, output_logits=True, return_dict_in_generate=True)
+        runs[backend] = (out.sequences, torch.stack(out.logits).float())
+        assert cache.nbytes == sum(int(cache.lengths(la).sum()) for la in range(3)) * tiny.head_dim * 2 * 2
+    ref_tokens, ref_logits = runs.pop("mixkv")
+    for backend, (tokens, logits) in runs.items():
+        # logits of step i depend on the tokens before it: compare while the greedy tokens agree
+        same = (tokens == ref_tokens).all(dim=0)
+        agree = int(same.long().cumprod(0).sum()) - inputs["input_ids"].shape[1]
+        steps = min(agree + 1, logits.shape[0])
+        assert steps >= 2
+        torch.testing.assert_close(logits[:steps], ref_logits[:steps], rtol=0, atol=5e-2, msg=backend)

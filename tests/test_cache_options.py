@@ -12,6 +12,7 @@ from mixkv import MixKVCache
 from mixkv._attention import valid_lengths_from_mask
 from mixkv.cache import PrefillRecord
 from models import TinyModel, generate, text_lm
+from test_tables import REDUNDANCY_FILE
 
 _loaded: dict[tuple[str, str, str], TinyModel] = {}
 
@@ -225,3 +226,18 @@ def test_right_padding_and_odd_masks_are_refused() -> None:
         valid_lengths_from_mask(torch.ones(1, 3, 3, dtype=torch.bool), 1, 3)
     with pytest.raises(ValueError, match="type"):
         valid_lengths_from_mask([1, 1, 1], 1, 3)
+
+
+def test_decoding_past_a_sliding_window_warns_once(tmp_path_factory: pytest.TempPathFactory) -> None:
+    tiny = text_lm(tmp_path_factory.mktemp("sliding"), "mistral", sliding_window=24)
+    cache = MixKVCache(tiny.model, budget=16, window=8)
+    with pytest.warns(UserWarning, match="longer than the model's sliding window") as caught:
+        generate(tiny, tiny.make_inputs([40]), cache, new_tokens=4)
+    assert sum("sliding window" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.skipif(not REDUNDANCY_FILE.is_file(), reason="published redundancy table not present")
+def test_published_redundancy_table_on_another_model_is_refused(llama: TinyModel) -> None:
+    with pytest.raises(ValueError, match=r"28 layers x 4 kv heads, but the model has 3 layers x 2 kv heads"):
+        MixKVCache(llama.model, redundancy_table=REDUNDANCY_FILE)
+    assert llama.model.config._attn_implementation in ("sdpa", "mixkv")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,7 +96,6 @@ class PrefillRecord:
     scores: torch.Tensor | None  # float32 [B, Hkv, N - W] (None: nothing was scored)
     importance: torch.Tensor | None  # float32 [B, Hkv, N - W] pooled window attention A
     capacities: torch.Tensor | None  # int32 [B, Hkv] prefix tokens kept
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class MixKVLayer(CacheLayerMixin):
@@ -226,7 +225,12 @@ class MixKVLayer(CacheLayerMixin):
             return output
         assert self.store is not None
         sliding_window = kwargs.get("sliding_window")
-        if sliding_window is not None and self.seq_length > sliding_window and not self._warned_sliding:
+        if (
+            self.layer_idx == 0
+            and sliding_window is not None
+            and self.seq_length > sliding_window
+            and not self._warned_sliding
+        ):
             self._warned_sliding = True
             warnings.warn(
                 f"the sequence ({self.seq_length} tokens) is longer than the model's sliding window "
@@ -471,7 +475,7 @@ class MixKVCache(Cache):
 
     @property
     def full_nbytes(self) -> int:
-        """Bytes a full (uncompressed, padded) cache of the same tokens would hold."""
+        """Bytes a full cache of the same tokens would hold (a DynamicCache: B x Hkv x seq_length, padding included)."""
         total = 0
         for layer in self.layers:
             if layer.store is None:

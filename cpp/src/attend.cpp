@@ -117,7 +117,8 @@ void cpu::attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, cons
   const int32_t* off = offsets.ptr<int32_t>();
   const int32_t* len = lengths.ptr<int32_t>();
   const DType dt = q.dtype;
-  std::vector<float> qrow(D), acc(D), scores, krow(D);
+  std::vector<float> qrow(D), scores;
+  std::vector<double> acc(D);  // wider than the kernel's fp32: the twin serves as a reference
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t qh = 0; qh < Hq; ++qh) {
       const int64_t s = b * Hkv + qh / G;
@@ -127,7 +128,7 @@ void cpu::attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, cons
         const int64_t qbase = b * q.stride[0] + qh * q.stride[1] + t * q.stride[2];
         const int64_t obase = b * out.stride[0] + qh * out.stride[1] + t * out.stride[2];
         for (int64_t d = 0; d < D; ++d) qrow[d] = load_as_float(q.data, dt, qbase + d);
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill(acc.begin(), acc.end(), 0.0);
         scores.assign(static_cast<std::size_t>(visible), 0.0f);
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < visible; ++j) {
@@ -137,15 +138,15 @@ void cpu::attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, cons
           scores[j] = dot * sc;
           mx = std::max(mx, scores[j]);
         }
-        float sum = 0.0f;
+        double sum = 0.0;
         for (int64_t j = 0; j < visible; ++j) {
-          const float p = std::exp(scores[j] - mx);
+          const double p = std::exp(static_cast<double>(scores[j] - mx));
           sum += p;
           const int64_t vb = (off[s] + j) * v_buf.stride[0];
           for (int64_t d = 0; d < D; ++d) acc[d] += p * load_as_float(v_buf.data, dt, vb + d);
         }
-        const float inv = visible > 0 ? 1.0f / sum : 0.0f;
-        for (int64_t d = 0; d < D; ++d) store_from_float(out.data, dt, obase + d, acc[d] * inv);
+        const double inv = visible > 0 ? 1.0 / sum : 0.0;
+        for (int64_t d = 0; d < D; ++d) store_from_float(out.data, dt, obase + d, static_cast<float>(acc[d] * inv));
       }
     }
   }

@@ -15,7 +15,7 @@ namespace mixkv {
 // clamp(lengths[s] - T + t + 1, 0, lengths[s]) tokens (causal over the new tokens; T = 1 is plain
 // decoding). A query that sees no token (e.g. an empty segment) gets an output of zeros.
 // out [B, Hq, T, D] same dtype as q (strided, last dim contiguous). Scores, softmax and the
-// weighted sum accumulate in fp32 (numerically stable: the running maximum is subtracted).
+// weighted sum accumulate in fp32 or wider (numerically stable: the maximum score is subtracted).
 // scale: 0 means 1/sqrt(D).
 // max_length: host-side upper bound of every lengths[s]; it sizes the split grid of the CUDA
 // kernel (tokens beyond it would not be attended there). The CPU entry point checks the bound.

@@ -82,8 +82,18 @@ def attend_core(store: VarlenKVStore, q: torch.Tensor, scale: float) -> torch.Te
     nbytes = _core.attend_workspace_bytes(b, hq, t, d, store.max_length)
     ws = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8, device=q.device)
     stream = torch.cuda.current_stream().cuda_stream if q.is_cuda else 0
-    _core.attend(q, store.k_buffer, store.v_buffer, store.offsets.reshape(-1), store.lengths.reshape(-1),
-                 store.max_length, scale, out, ws, stream)
+    _core.attend(
+        q,
+        store.k_buffer,
+        store.v_buffer,
+        store.offsets.reshape(-1),
+        store.lengths.reshape(-1),
+        store.max_length,
+        scale,
+        out,
+        ws,
+        stream,
+    )
     return out
 
 
@@ -190,14 +200,45 @@ def test_attend_validation():
     q = torch.randn(1, 2, 1, 64)
     flat = store.lengths.reshape(-1)
     with pytest.raises(ValueError, match="max_length"):
-        _core.attend(q, store.k_buffer, store.v_buffer, store.offsets.reshape(-1), flat, 3, 0.0,
-                     torch.empty_like(q), None, 0)
+        _core.attend(
+            q, store.k_buffer, store.v_buffer, store.offsets.reshape(-1), flat, 3, 0.0, torch.empty_like(q), None, 0
+        )
     with pytest.raises(ValueError, match="out"):
-        _core.attend(q, store.k_buffer, store.v_buffer, store.offsets.reshape(-1), flat, 6, 0.0,
-                     torch.empty(1, 2, 1, 32), None, 0)
+        _core.attend(
+            q,
+            store.k_buffer,
+            store.v_buffer,
+            store.offsets.reshape(-1),
+            flat,
+            6,
+            0.0,
+            torch.empty(1, 2, 1, 32),
+            None,
+            0,
+        )
     with pytest.raises(ValueError, match="v_buf"):
-        _core.attend(q, store.k_buffer, store.v_buffer.half(), store.offsets.reshape(-1), flat, 6, 0.0,
-                     torch.empty_like(q), None, 0)
+        _core.attend(
+            q,
+            store.k_buffer,
+            store.v_buffer.half(),
+            store.offsets.reshape(-1),
+            flat,
+            6,
+            0.0,
+            torch.empty_like(q),
+            None,
+            0,
+        )
     with pytest.raises(ValueError, match="lengths"):
-        _core.attend(q, store.k_buffer, store.v_buffer, store.offsets.reshape(-1), flat[:1].contiguous(), 6, 0.0,
-                     torch.empty_like(q), None, 0)
+        _core.attend(
+            q,
+            store.k_buffer,
+            store.v_buffer,
+            store.offsets.reshape(-1),
+            flat[:1].contiguous(),
+            6,
+            0.0,
+            torch.empty_like(q),
+            None,
+            0,
+        )

@@ -119,8 +119,10 @@ class VarlenKVStore:
             used = torch.arange(cap_c, device=device) < cnt.to(torch.int64).unsqueeze(-1)
             inside = (p >= (n - nb).view(b, 1, 1)) & (p < wstart.view(b, 1, 1))
             if not bool((inside | ~used).all()):
-                raise ValueError("positions out of range: every used entry must be a valid prefix position "
-                                 "(in [N - valid_length, N - window) of its sequence)")
+                raise ValueError(
+                    "positions out of range: every used entry must be a valid prefix position "
+                    "(in [N - valid_length, N - window) of its sequence)"
+                )
             if cap_c > 1:
                 rising = (p[..., 1:] > p[..., :-1]) | ~used[..., 1:]
                 if not bool(rising.all()):
@@ -229,13 +231,21 @@ class VarlenKVStore:
         sc = float(scale) if scale is not None else 0.0
         if backend in ("flash", "torch"):
             fn = _backends.flash if backend == "flash" else _backends.torch_varlen
-            return fn(qt, self._k, self._v, self._offsets, self._lengths, int(self._host_caps.max()),
-                      sc if sc != 0.0 else d**-0.5)
+            return fn(
+                qt,
+                self._k,
+                self._v,
+                self._offsets,
+                self._lengths,
+                int(self._host_caps.max()),
+                sc if sc != 0.0 else d**-0.5,
+            )
         max_length = self.max_length
         out = torch.empty((b, hq, t, d), dtype=qt.dtype, device=qt.device)
         ws = workspace(_core.attend_workspace_bytes(b, hq, t, d, max_length), self.device)
-        _core.attend(qt, self._k, self._v, self._offsets, self._lengths, max_length, sc, out, ws,
-                     stream_handle(self.device))
+        _core.attend(
+            qt, self._k, self._v, self._offsets, self._lengths, max_length, sc, out, ws, stream_handle(self.device)
+        )
         return out
 
     # ---- sequence management --------------------------------------------------------------------

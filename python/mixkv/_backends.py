@@ -8,6 +8,7 @@ float16 / bfloat16. Masking of the T new queries is causal, aligned to the end o
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -19,7 +20,13 @@ def _varlen_attn() -> Callable[..., torch.Tensor] | None:
     except ImportError:
         return None
     fn = getattr(module, "varlen_attn", None)
-    return fn if callable(fn) else None
+    if not callable(fn):
+        return None
+    try:  # older releases lack the arguments this backend needs
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    return fn if {"seqused_k", "enable_gqa", "window_size", "scale"} <= set(params) else None
 
 
 def _flash_varlen() -> Callable[..., torch.Tensor] | None:

@@ -22,16 +22,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mixkv import _attention
+from mixkv._checks import check_choice, check_int
 from mixkv.adapters import TextModelSpec, text_model_spec
-from mixkv.ops import capacities, compute_scores, select
+from mixkv.ops import GQA_REDUCTIONS, METHODS, POLICIES, POOLINGS, capacities, compute_scores, select
 from mixkv.store import VarlenKVStore
 from mixkv.tables import TableSource, load_redundancy_table, load_sparsemm_table
 
-POLICIES: tuple[str, ...] = ("snapkv", "pyramidkv", "adakv", "sparsemm")
-SCORE_METHODS: tuple[str, ...] = ("attn", "keydiff", "vnorm", "knorm", "uniform-mix", "mixkv")
-POOLINGS: tuple[str, ...] = ("avg", "max")
 BACKENDS: tuple[str, ...] = ("auto", "mixkv", "flash", "torch")
-GQA_REDUCTIONS: tuple[str, ...] = ("mean", "max")
 OPTIONS: tuple[str, ...] = (
     "policy",
     "mix",
@@ -305,20 +302,6 @@ class MixKVLayer(CacheLayerMixin):
             )
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_number(name: str, value: object, low: float, high: float, *, include_high: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -337,9 +320,9 @@ def _check_bool(name: str, value: object) -> bool:
 def _method_of(mix: object) -> str:
     if isinstance(mix, bool):
         return "mixkv" if mix else "attn"
-    if isinstance(mix, str) and mix in SCORE_METHODS:
+    if isinstance(mix, str) and mix in METHODS:
         return mix
-    raise ValueError(f"mix must be True, False or one of {', '.join(map(repr, SCORE_METHODS))}; got {mix!r}")
+    raise ValueError(f"mix must be True, False or one of {', '.join(map(repr, METHODS))}; got {mix!r}")
 
 
 class MixKVCache(Cache):
@@ -394,27 +377,27 @@ class MixKVCache(Cache):
             raise TypeError(
                 f"unknown MixKVCache option(s): {', '.join(sorted(unknown))}; allowed options: {', '.join(OPTIONS)}"
             )
-        _check_choice("policy", policy, POLICIES)
+        check_choice("policy", policy, POLICIES)
         method = _method_of(mix)
-        _check_int("window", window, 1)
-        _check_int("budget", budget, 1)
+        check_int("window", window, minimum=1)
+        check_int("budget", budget, minimum=1)
         if budget < window:
             raise ValueError(f"budget ({budget}) counts the window and must be >= window ({window})")
-        _check_choice("pooling", pooling, POOLINGS)
-        _check_int("kernel_size", kernel_size, 1)
+        check_choice("pooling", pooling, POOLINGS)
+        check_int("kernel_size", kernel_size, minimum=1)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        _check_choice("gqa", gqa, GQA_REDUCTIONS)
+        check_choice("gqa", gqa, GQA_REDUCTIONS)
         floor = _check_number("floor", floor, 0.0, 1.0)
         _check_bool("normalize", normalize)
-        _check_int("skip", skip, 0)
+        check_int("skip", skip, minimum=0)
         beta = _check_number("beta", beta, 0.0, math.inf, include_high=False)
         if beta == 0.0:
             raise ValueError("beta must be > 0")
         sparsemm_ratio = _check_number("sparsemm_ratio", sparsemm_ratio, 0.0, 1.0, include_high=False)
-        _check_choice("backend", backend, BACKENDS)
+        check_choice("backend", backend, BACKENDS)
         if reserve is not None:
-            _check_int("reserve", reserve, 0)
+            check_int("reserve", reserve, minimum=0)
         _check_bool("record", record)
 
         spec = text_model_spec(model)

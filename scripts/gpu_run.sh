@@ -32,12 +32,14 @@ for stage in $stages; do
       for f in tests/test_*.py; do
         name=$(basename "$f" .py)
         (cd tests && MIXKV_HYPOTHESIS_PROFILE=gpu timeout 300 $PY -m pytest -p no:cacheprovider -q -m cuda \
-          -o addopts="" "$name.py" >"$OUT/pytest_$name.log" 2>&1)
+          -o addopts="" "$name.py" >"/tmp/pytest_$name.log" 2>&1)
         rc=$?
+        { echo "=== $name rc=$rc"; cat "/tmp/pytest_$name.log"; } >>"$OUT/pytest_cuda.log"
         [ $rc -eq 0 ] || [ $rc -eq 5 ] || fails=$((fails + 1))
-        note "  $name rc=$rc: $(tail -1 "$OUT/pytest_$name.log")"
-        grep -E "^(FAILED|ERROR)" "$OUT/pytest_$name.log" | head -5 >>"$summary"
+        note "  $name rc=$rc: $(tail -1 "/tmp/pytest_$name.log")"
+        grep -E "^(FAILED|ERROR)" "/tmp/pytest_$name.log" | head -5 >>"$summary"
       done
+      rm -f "$OUT/pytest_cuda.xml"
       note "pytest -m cuda: $fails file(s) failing ($(( $(date +%s) - t0 )) s)"
       ;;
     sanitize)

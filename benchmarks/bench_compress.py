@@ -13,56 +13,15 @@ import argparse
 import functools
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _timing import copy_bandwidth, median_eager_us, median_graph_us
-from loop_reference import loop_compress
+from mixkv.bench.compress import make_step
+from mixkv.bench.loop_reference import loop_compress
+from mixkv.bench.timing import copy_bandwidth, median_eager_ms, median_graph_ms
 
 HQ, HKV, DIM, WINDOW, LAYERS = 28, 4, 128, 32, 28
-
-
-def make_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: str, mix: bool, budget: int):
-    from mixkv.ops import compute_scores
-    from mixkv.ops._budget import capacities_into
-    from mixkv.ops._select import select_into
-
-    batch, prefix = k.shape[0], k.shape[2] - WINDOW
-    caps = torch.empty(batch, HKV, dtype=torch.int32, device=k.device)
-    max_cap = max(0, min(budget - WINDOW, prefix)) if policy == "snapkv" else prefix
-    positions = torch.empty(batch, HKV, max(max_cap, 1), dtype=torch.int32, device=k.device)
-    counts = torch.empty(batch, HKV, dtype=torch.int32, device=k.device)
-
-    def step() -> None:
-        res = compute_scores(
-            q,
-            k,
-            v,
-            method="mixkv" if mix else "attn",
-            pooling="avg",
-            kernel_size=5,
-            gqa="mean",
-            need_importance=policy == "adakv",
-            validate=False,
-        )
-        importance = res.importance if res.importance is not None else res.scores
-        capacities_into(
-            policy,
-            importance,
-            caps,
-            budget=budget,
-            window=WINDOW,
-            layer_idx=LAYERS // 2,
-            num_layers=LAYERS,
-            validate=False,
-        )
-        select_into(res.scores, caps, positions, counts, validate=False)
-
-    return step
 
 
 def main() -> int:
@@ -93,11 +52,12 @@ def main() -> int:
         for budget in args.budgets:
             for policy in ("snapkv", "adakv"):
                 for mix in (False, True):
-                    step = make_step(q, k, v, policy, mix, budget)
-                    graph_us = median_graph_us(step)
-                    eager_us = median_eager_us(step)
-                    loop_us = median_eager_us(
+                    step = make_step(q, k, v, policy=policy, mix=mix, budget=budget, layers=LAYERS)
+                    graph_us = median_graph_ms(step, reps=50, inner=10) * 1e3
+                    eager_us = median_eager_ms(step, device, reps=50) * 1e3
+                    loop_us = 1e3 * median_eager_ms(
                         functools.partial(loop_compress, q, k, v, policy=policy, mix=mix, budget=budget),
+                        device,
                         reps=args.loop_reps,
                     )
                     target = 2 * floor_us + 15

@@ -8,14 +8,22 @@
 
 namespace mixkv {
 
-// q [B, Hq, T, D] (strided, last dim contiguous), Hq = G * Hkv; query head qh reads segment
-// s = b * Hkv + qh / G. Segment s holds lengths[s] tokens at offsets[s] of k_buf/v_buf [slots, D];
-// its last T tokens are the ones appended with these queries, so query t sees the first
-// lengths[s] - T + t + 1 tokens (causal over the new tokens; T = 1 is plain decoding).
-// out [B, Hq, T, D] same dtype as q (strided, last dim contiguous). fp32 accumulation.
-// max_length: an upper bound of lengths (host value) used to size the split grid.
+// q [B, Hq, T, D] (strided, last dim contiguous), Hq = G * Hkv where Hkv = offsets.size / B;
+// query head qh reads segment s = b * Hkv + qh / G. Segment s holds lengths[s] tokens at offsets[s]
+// of k_buf/v_buf [slots, D] (contiguous, dtype of q); offsets/lengths int32 [B * Hkv] (contiguous).
+// Its last T tokens are the ones appended with these queries, so query t sees the first
+// clamp(lengths[s] - T + t + 1, 0, lengths[s]) tokens (causal over the new tokens; T = 1 is plain
+// decoding). A query that sees no token (e.g. an empty segment) gets an output of zeros.
+// out [B, Hq, T, D] same dtype as q (strided, last dim contiguous). Scores, softmax and the
+// weighted sum accumulate in fp32 or wider (numerically stable: the maximum score is subtracted).
 // scale: 0 means 1/sqrt(D).
+// max_length: host-side upper bound of every lengths[s]; it sizes the split grid of the CUDA
+// kernel (tokens beyond it would not be attended there). The CPU entry point checks the bound.
+// workspace: uint8 [>= attend_workspace_bytes(...)] on q's device; may be absent when that is 0.
 std::size_t attend_workspace_bytes(int64_t B, int64_t Hq, int64_t T, int64_t D, int64_t max_length);
+// Tokens of one segment handled by one block of the CUDA kernel (the split size); the number of
+// splits is ceil(max_length / attend_split_tokens(max_length)).
+int64_t attend_split_tokens(int64_t max_length);
 void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Tensor& offsets,
             const Tensor& lengths, int64_t max_length, float scale, const Tensor& out,
             const Tensor& workspace, std::uintptr_t stream);

@@ -32,8 +32,13 @@ struct ScoreOptions {
 //   scores     [B, Hkv, N - W]  S for the prefix positions; padding positions get -inf.
 //   importance [B, Hkv, N - W]  (optional) pooled attention importance A; padding -inf.
 //   redundancy_out [B, Hkv]     (optional) the r that was used.
-// workspace: uint8 bytes on the same device, at least score_workspace_bytes(...) (CUDA only;
-// the CPU path ignores it). stream: a cudaStream_t as an integer (CUDA only).
+// workspace: uint8 bytes on the same device, 256-byte aligned, at least score_workspace_bytes(...)
+// (a function of the shape only; CUDA only, the CPU path ignores it). stream: a cudaStream_t as an
+// integer (CUDA only). The CUDA kernels take head dimensions up to 256.
+// Definitions: P = N − W; the valid prefix of sequence b is [N − n_b, P) (empty when n_b <= W);
+// window row i (position P + i) attends to valid keys j <= P + i; pooling runs over the valid
+// prefix only (avg counts the zero padding, max ignores it); the means, minima and maxima of
+// SPEC §2–3 are taken over the valid prefix; m averages the unit keys of all n_b valid tokens.
 std::size_t score_workspace_bytes(int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t W, int64_t D);
 void score(const Tensor& q_window, const Tensor& keys, const Tensor& values, const Tensor& valid_lengths,
            const Tensor& redundancy, const ScoreOptions& options, const Tensor& scores,

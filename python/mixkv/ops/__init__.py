@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from mixkv.ops._budget import POLICIES, capacities
-from mixkv.ops._score import GQA_REDUCTIONS, METHODS, POOLINGS, head_redundancy, scores
-from mixkv.ops._select import select
+from mixkv.ops._budget import POLICIES, capacities, capacities_into
+from mixkv.ops._score import GQA_REDUCTIONS, METHODS, POOLINGS, ScoreResult, compute_scores, head_redundancy, scores
+from mixkv.ops._select import select, select_into
 
 __all__ = [
     "GQA_REDUCTIONS",
     "METHODS",
     "POLICIES",
     "POOLINGS",
+    "ScoreResult",
     "capacities",
+    "capacities_into",
+    "compute_scores",
     "head_redundancy",
     "scores",
     "select",
+    "select_into",
 ]

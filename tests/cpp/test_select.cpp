@@ -1,0 +1,129 @@
+// CPU twin of select against a brute-force rank count.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "mixkv/select.hpp"
+
+namespace {
+
+int g_failures = 0;
+
+#define EXPECT(cond)                                                        \
+  do {                                                                      \
+    if (!(cond)) {                                                          \
+      ++g_failures;                                                         \
+      std::fprintf(stderr, "%s:%d: expectation failed: %s\n", __FILE__, __LINE__, #cond); \
+    }                                                                       \
+  } while (0)
+
+mixkv::Tensor view(void* data, mixkv::DType dt, std::vector<int64_t> shape) {
+  mixkv::Tensor t;
+  t.data = data;
+  t.dtype = dt;
+  t.ndim = static_cast<int>(shape.size());
+  int64_t stride = 1;
+  for (int i = t.ndim - 1; i >= 0; --i) {
+    t.shape[i] = shape[static_cast<std::size_t>(i)];
+    t.stride[i] = stride;
+    stride *= t.shape[i];
+  }
+  t.present = true;
+  return t;
+}
+
+const float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Position j is chosen iff it is above -inf and fewer than c entries beat it
+// (a higher score, or an equal score at a lower position).
+void brute_force(const std::vector<float>& s, int64_t P, int64_t c, int64_t C, std::vector<int32_t>& out,
+                 int32_t& count) {
+  out.assign(static_cast<std::size_t>(C), -1);
+  count = 0;
+  for (int64_t j = 0; j < P; ++j) {
+    if (s[j] == kNegInf) continue;
+    int64_t beaten_by = 0;
+    for (int64_t i = 0; i < P; ++i)
+      if (s[i] > s[j] || (s[i] == s[j] && i < j)) ++beaten_by;
+    if (beaten_by < c) out[static_cast<std::size_t>(count++)] = static_cast<int32_t>(j);
+  }
+}
+
+void random_case(std::mt19937& rng, int64_t B, int64_t H, int64_t P, int extra) {
+  std::uniform_int_distribution<int> small(0, 3);
+  std::uniform_real_distribution<float> real(-5.f, 5.f);
+  std::uniform_int_distribution<int64_t> cap(0, P);
+  const bool ties = small(rng) < 2;
+  std::vector<float> scores(static_cast<std::size_t>(B * H * P));
+  for (auto& v : scores) {
+    v = ties ? static_cast<float>(small(rng)) : real(rng);
+    if (small(rng) == 0 && small(rng) == 0) v = kNegInf;
+  }
+  std::vector<int32_t> caps(static_cast<std::size_t>(B * H));
+  int64_t max_cap = 0;
+  for (auto& c : caps) {
+    c = static_cast<int32_t>(cap(rng));
+    if (c > max_cap) max_cap = c;
+  }
+  const int64_t C = max_cap + extra;
+  std::vector<int32_t> pos(static_cast<std::size_t>(B * H * C), -7777), cnt(static_cast<std::size_t>(B * H), -7777);
+  mixkv::cpu::select(view(scores.data(), mixkv::DType::f32, {B, H, P}), view(caps.data(), mixkv::DType::i32, {B, H}),
+                     view(pos.data(), mixkv::DType::i32, {B, H, C}), view(cnt.data(), mixkv::DType::i32, {B, H}));
+  std::vector<int32_t> want;
+  for (int64_t r = 0; r < B * H; ++r) {
+    std::vector<float> row(scores.begin() + r * P, scores.begin() + (r + 1) * P);
+    int32_t count = 0;
+    brute_force(row, P, caps[static_cast<std::size_t>(r)], C, want, count);
+    EXPECT(cnt[static_cast<std::size_t>(r)] == count);
+    for (int64_t i = 0; i < C; ++i) EXPECT(pos[static_cast<std::size_t>(r * C + i)] == want[static_cast<std::size_t>(i)]);
+  }
+}
+
+template <typename F>
+void expect_invalid(F&& f) {
+  try {
+    f();
+    EXPECT(false && "expected std::invalid_argument");
+  } catch (const std::invalid_argument&) {
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  for (int it = 0; it < 300; ++it) {
+    std::uniform_int_distribution<int64_t> b(1, 3), h(1, 5), p(1, 90);
+    random_case(rng, b(rng), h(rng), p(rng), it % 3);
+  }
+  random_case(rng, 1, 2, 1500, 0);
+
+  // invalid capacities and shapes
+  std::vector<float> s(10, 1.f);
+  std::vector<int32_t> caps{11}, pos(11), cnt(1);
+  auto call = [&](int64_t C) {
+    mixkv::cpu::select(view(s.data(), mixkv::DType::f32, {1, 1, 10}), view(caps.data(), mixkv::DType::i32, {1, 1}),
+                       view(pos.data(), mixkv::DType::i32, {1, 1, C}), view(cnt.data(), mixkv::DType::i32, {1, 1}));
+  };
+  expect_invalid([&] { call(11); });  // capacity above P
+  caps[0] = -1;
+  expect_invalid([&] { call(11); });
+  caps[0] = 5;
+  expect_invalid([&] { call(4); });  // fewer columns than the capacity
+  s[3] = std::nanf("");
+  expect_invalid([&] { call(5); });
+  s[3] = 1.f;
+  call(5);
+  EXPECT(cnt[0] == 5 && pos[0] == 0 && pos[4] == 4);
+
+  if (g_failures) {
+    std::fprintf(stderr, "%d failures\n", g_failures);
+    return 1;
+  }
+  std::puts("test_select: ok");
+  return 0;
+}

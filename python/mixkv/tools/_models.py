@@ -122,8 +122,14 @@ def _load_config(path: str) -> Any:
         raise ToolError(f"cannot load a model configuration from {path!r}: {first}") from exc
 
 
+_TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def _load_processor(path: str, model_type: str) -> Any | None:
     """The model's processor (vision models) or tokenizer (text models); None when the directory has none."""
+    local = Path(path)
+    if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+        return None  # transformers would build an empty tokenizer here
     try:
         if model_type in VISION_MODELS:
             from transformers import AutoProcessor
@@ -341,7 +347,9 @@ def _processor_inputs(loaded: LoadedModel, images: list[Any], prompt: str) -> Pr
     if not loaded.is_vision:
         text = prompt
         if getattr(proc, "chat_template", None):
-            text = proc.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            text = proc.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         enc = proc(text, return_tensors="pt")
         return Prepared(dict(enc), synthetic=False)
     content: list[dict[str, str]] = [{"type": "image"} for _ in images]

@@ -62,7 +62,11 @@ def redundancy_json(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
 def visual_heads_json(scores: Sequence[torch.Tensor]) -> dict[str, list[float]]:
     """Per-sample [L, Hq] visual-head scores -> the SparseMM published format."""
     s = torch.stack(list(scores)).float().cpu()  # [S, L, Hq]
-    return {f"{layer}-{head}": [float(x) for x in s[:, layer, head]] for layer in range(s.shape[1]) for head in range(s.shape[2])}
+    return {
+        f"{layer}-{head}": [float(x) for x in s[:, layer, head]]
+        for layer in range(s.shape[1])
+        for head in range(s.shape[2])
+    }
 
 
 def table_matrix(table: dict[str, list[float]], suffix: str | None = None) -> torch.Tensor:

@@ -310,7 +310,9 @@ def _main(argv: list[str]) -> int:
     device = parse_device(args.device or ("cuda" if real else "cpu"))
     dtype = parse_dtype(args.dtype or ("bfloat16" if real else "float32"))
     print("random weights: these numbers measure the cache machinery on untrained models, not answer quality")
-    print(f"{'model':<22} {'image':<6} {'cache':<18} {'budget':>6} {'prompt':>6} {'KL':>10} {'top1':>7} {'attn err':>10}")
+    print(
+        f"{'model':<22} {'image':<6} {'cache':<18} {'budget':>6} {'prompt':>6} {'KL':>10} {'top1':>7} {'attn err':>10}"
+    )
     results: list[Result] = []
     for name in models:
         loaded = load_model(name, device=device, dtype=dtype, seed=args.seed)

@@ -210,6 +210,7 @@ void store_build(const Tensor& keys, const Tensor& values, const Tensor& positio
   a.vbuf = static_cast<char*>(v_buf.data);
   a.slots = k_buf.shape[0];
   a.row_bytes = D * es;
+  a.lengths = lengths.ptr<int32_t>();
   const int unit = pick_unit({addr(a.keys), addr(a.values), addr(a.kbuf), addr(a.vbuf),
                               static_cast<uint64_t>(a.row_bytes), static_cast<uint64_t>(a.ks[0]),
                               static_cast<uint64_t>(a.ks[1]), static_cast<uint64_t>(a.ks[2]),

@@ -130,6 +130,25 @@ def test_hundred_appends_with_growth(device):
     assert_store_matches(store, segs)
 
 
+def test_zero_width_selection_keeps_only_the_window(device):
+    # every capacity 0 (e.g. a PyramidKV top layer): positions [B, H, 0] are a valid, empty selection
+    b, h, n, d, window = 2, 2, 12, 64, 4
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(b, h, n, d, generator=g)
+    values = torch.randn(b, h, n, d, generator=g)
+    positions = torch.empty(b, h, 0, dtype=torch.int32)
+    counts = torch.zeros(b, h, dtype=torch.int32)
+    store = VarlenKVStore.from_selection(
+        keys.to(device), values.to(device), positions.to(device), counts.to(device), window
+    )
+    assert store.host_lengths.tolist() == [[window] * h] * b
+    for bi in range(b):
+        for hi in range(h):
+            k, v = store.segment(bi, hi)
+            assert torch.equal(k.cpu(), keys[bi, hi, n - window :])
+            assert torch.equal(v.cpu(), values[bi, hi, n - window :])
+
+
 @FIXTURE_OK
 @given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 4), idx=st.lists(st.integers(0, 3), min_size=1, max_size=6))
 def test_reorder_and_reset(device, seed, b, idx):

@@ -291,8 +291,6 @@ class MixKVLayer(CacheLayerMixin):
                 **options,
             )
             positions, counts = select(scores, caps)
-            if positions.shape[2] == 0:  # no head keeps a prefix token: one unused (-1) column
-                positions = torch.full((batch, num_kv_heads, 1), -1, dtype=torch.int32, device=keys.device)
         self.store = VarlenKVStore.from_selection(
             keys, values, positions, counts, window, reserve=s.reserve, valid_lengths=valid
         )

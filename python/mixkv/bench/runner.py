@@ -144,7 +144,7 @@ class Runner:
 
     def _warmup(self, model: nn.Module, config: PretrainedConfig, dims: dict[str, int]) -> None:
         self.progress.describe("warm-up")
-        inputs, _ = self._inputs(config, model, min([*self.s.lengths, 1024]))
+        inputs, _ = self._inputs(config, model, min([*self.s.lengths, 4096]))  # room for any model's smallest image
         methods = [Method(None), *[m for m in self.s.methods if m.policy is not None][:1]]
         for method in methods:
             try:

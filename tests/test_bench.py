@@ -148,9 +148,10 @@ def test_real_dimension_image_tokens() -> None:
 def test_real_dimension_prompt_lengths() -> None:
     for spec in MODELS.values():
         config = load_config(spec)
-        inputs, info = build_inputs(config, 8000, seed=1)
-        assert inputs["input_ids"].shape == (1, 8000)
-        assert info.text_tokens > 0
+        for length in (2000, 4096, 8000):  # 4096 is the warm-up prompt, 2000 the shortest default
+            inputs, info = build_inputs(config, length, seed=1)
+            assert inputs["input_ids"].shape == (1, length)
+            assert info.text_tokens > 0
 
 
 def test_plan_without_cuda(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,36 +5,14 @@
 #include <stdexcept>
 #include <vector>
 
+#include "check.hpp"
 #include "mixkv/attend.hpp"
 #include "mixkv/half.hpp"
 
 using mixkv::DType;
 using mixkv::Tensor;
 
-static int failures = 0;
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                        \
-    }                                                                    \
-  } while (0)
-
-template <typename T>
-Tensor view(std::vector<T>& v, DType dt, std::vector<int64_t> shape) {
-  Tensor t;
-  t.data = v.data();
-  t.dtype = dt;
-  t.ndim = static_cast<int>(shape.size());
-  int64_t stride = 1;
-  for (int i = t.ndim - 1; i >= 0; --i) {
-    t.shape[i] = shape[i];
-    t.stride[i] = stride;
-    stride *= shape[i];
-  }
-  t.present = true;
-  return t;
-}
+using mixkv_test::view;
 
 int main() {
   std::mt19937 rng(99);
@@ -54,15 +32,15 @@ int main() {
     }
     // element storage as float for f32, as uint16 bf16 bits otherwise; `val` keeps the exact values
     std::vector<float> kval(slots * D), vval(slots * D), qval(B * Hq * T * D);
-    for (auto& x : kval) x = nd(rng);
-    for (auto& x : vval) x = nd(rng);
-    for (auto& x : qval) x = nd(rng);
+    mixkv_test::fill(kval, nd, rng);
+    mixkv_test::fill(vval, nd, rng);
+    mixkv_test::fill(qval, nd, rng);
     std::vector<float> kf = kval, vf = vval, qf = qval, of(qval.size(), NAN);
     std::vector<uint16_t> kh(kval.size()), vh(vval.size()), qhv(qval.size()), oh(qval.size(), 0x7fc0);
     if (half) {
-      for (size_t i = 0; i < kval.size(); ++i) kval[i] = mixkv::bf16_to_float(kh[i] = mixkv::float_to_bf16(kval[i]));
-      for (size_t i = 0; i < vval.size(); ++i) vval[i] = mixkv::bf16_to_float(vh[i] = mixkv::float_to_bf16(vval[i]));
-      for (size_t i = 0; i < qval.size(); ++i) qval[i] = mixkv::bf16_to_float(qhv[i] = mixkv::float_to_bf16(qval[i]));
+      mixkv_test::round_to_bf16(kval, kh);
+      mixkv_test::round_to_bf16(vval, vh);
+      mixkv_test::round_to_bf16(qval, qhv);
     }
     const float scale = trial % 3 == 0 ? 0.25f : 0.0f;
     Tensor q = half ? view(qhv, dt, {B, Hq, T, D}) : view(qf, dt, {B, Hq, T, D});
@@ -103,16 +81,11 @@ int main() {
   {
     std::vector<float> q(3 * 4), kb(8), o(3 * 4);
     std::vector<int32_t> off(2, 0), len(2, 1);
-    bool threw = false;
-    try {
+    CHECK(mixkv_test::throws_invalid([&] {
       mixkv::attend(view(q, DType::f32, {1, 3, 1, 4}), view(kb, DType::f32, {2, 4}), view(kb, DType::f32, {2, 4}),
                     view(off, DType::i32, {2}), view(len, DType::i32, {2}), 1, 0.0f, view(o, DType::f32, {1, 3, 1, 4}),
                     Tensor{}, 0);
-    } catch (const std::invalid_argument&) {
-      threw = true;
-    }
-    CHECK(threw);
+    }));
   }
-  if (failures) std::fprintf(stderr, "%d failures\n", failures);
-  return failures ? 1 : 0;
+  return mixkv_test::finish("test_attend");
 }

@@ -9,34 +9,12 @@
 #include <stdexcept>
 #include <vector>
 
+#include "check.hpp"
 #include "mixkv/budget.hpp"
 
 namespace {
 
-int g_failures = 0;
-
-#define EXPECT(cond)                                                        \
-  do {                                                                      \
-    if (!(cond)) {                                                          \
-      ++g_failures;                                                         \
-      std::fprintf(stderr, "%s:%d: expectation failed: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                       \
-  } while (0)
-
-mixkv::Tensor view(void* data, mixkv::DType dt, std::vector<int64_t> shape) {
-  mixkv::Tensor t;
-  t.data = data;
-  t.dtype = dt;
-  t.ndim = static_cast<int>(shape.size());
-  int64_t stride = 1;
-  for (int i = t.ndim - 1; i >= 0; --i) {
-    t.shape[i] = shape[static_cast<std::size_t>(i)];
-    t.stride[i] = stride;
-    stride *= t.shape[i];
-  }
-  t.present = true;
-  return t;
-}
+using mixkv_test::view;
 
 int64_t clampi(int64_t v, int64_t hi) { return std::max<int64_t>(0, std::min(v, hi)); }
 
@@ -118,16 +96,7 @@ void random_case(std::mt19937& rng) {
     const int64_t Pb = padded ? std::max<int64_t>(lengths[b] - o.window, 0) : P;
     std::vector<float> rows(A.begin() + b * H * P, A.begin() + (b + 1) * H * P);
     const auto want = expected(o, rows, H, P, Pb, hs);
-    for (int64_t h = 0; h < H; ++h) EXPECT(out[b * H + h] == want[h]);
-  }
-}
-
-template <typename F>
-void expect_invalid(F&& f) {
-  try {
-    f();
-    EXPECT(false && "expected std::invalid_argument");
-  } catch (const std::invalid_argument&) {
+    for (int64_t h = 0; h < H; ++h) CHECK(out[b * H + h] == want[h]);
   }
 }
 
@@ -148,32 +117,27 @@ int main() {
   o.window = 4;
   o.budget = 8;
   call(o, false);
-  EXPECT(out[0] == 4 && out[1] == 4);
-  expect_invalid([&] { call(o, true); });  // n_b above P + W
+  CHECK(out[0] == 4 && out[1] == 4);
+  CHECK(mixkv_test::throws_invalid([&] { call(o, true); }));  // n_b above P + W
   auto bad = o;
   bad.budget = 0;
-  expect_invalid([&] { call(bad, false); });
+  CHECK(mixkv_test::throws_invalid([&] { call(bad, false); }));
   bad = o;
   bad.layer_idx = 1;
-  expect_invalid([&] { call(bad, false); });
+  CHECK(mixkv_test::throws_invalid([&] { call(bad, false); }));
   bad = o;
   bad.ada_floor = 1.5;
-  expect_invalid([&] { call(bad, false); });
+  CHECK(mixkv_test::throws_invalid([&] { call(bad, false); }));
   bad = o;
   bad.sparsemm_ratio = 1.0;
-  expect_invalid([&] { call(bad, false); });
+  CHECK(mixkv_test::throws_invalid([&] { call(bad, false); }));
   bad = o;
   bad.pyramid_beta = 0.0;
-  expect_invalid([&] { call(bad, false); });
+  CHECK(mixkv_test::throws_invalid([&] { call(bad, false); }));
   bad = o;
   bad.policy = mixkv::Policy::adakv;
   A[5] = std::nanf("");
-  expect_invalid([&] { call(bad, false); });
+  CHECK(mixkv_test::throws_invalid([&] { call(bad, false); }));
 
-  if (g_failures) {
-    std::fprintf(stderr, "%d failures\n", g_failures);
-    return 1;
-  }
-  std::puts("test_budget: ok");
-  return 0;
+  return mixkv_test::finish("test_budget");
 }

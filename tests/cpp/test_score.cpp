@@ -7,35 +7,13 @@
 #include <stdexcept>
 #include <vector>
 
+#include "check.hpp"
 #include "mixkv/half.hpp"
 #include "mixkv/score.hpp"
 
 namespace {
 
-int g_failures = 0;
-
-void check(bool cond, const char* what, int line) {
-  if (!cond) {
-    ++g_failures;
-    std::fprintf(stderr, "FAILED line %d: %s\n", line, what);
-  }
-}
-#define CHECK(cond) check((cond), #cond, __LINE__)
-
-mixkv::Tensor view(void* data, mixkv::DType t, std::vector<int64_t> shape) {
-  mixkv::Tensor v;
-  v.data = data;
-  v.dtype = t;
-  v.ndim = static_cast<int>(shape.size());
-  int64_t stride = 1;
-  for (int i = v.ndim - 1; i >= 0; --i) {
-    v.shape[i] = shape[i];
-    v.stride[i] = stride;
-    stride *= shape[i];
-  }
-  v.present = true;
-  return v;
-}
+using mixkv_test::view;
 
 struct Case {
   int64_t B, Hq, Hkv, N, W, D;
@@ -155,18 +133,11 @@ void run(const Case& c, unsigned seed) {
   const auto dt = c.bf16 ? mixkv::DType::bf16 : mixkv::DType::f32;
   auto fill = [&](int64_t count, float gain, std::vector<double>& exact, std::vector<float>& f32,
                   std::vector<uint16_t>& h16) {
-    exact.resize(count);
     f32.resize(count);
+    for (auto& x : f32) x = gain * nd(rng);
     h16.resize(count);
-    for (int64_t i = 0; i < count; ++i) {
-      float x = gain * nd(rng);
-      if (c.bf16) {
-        h16[i] = mixkv::float_to_bf16(x);
-        x = mixkv::bf16_to_float(h16[i]);
-      }
-      f32[i] = x;
-      exact[i] = x;
-    }
+    if (c.bf16) mixkv_test::round_to_bf16(f32, h16);
+    exact.assign(f32.begin(), f32.end());
   };
   std::vector<double> qe, ke, ve;
   std::vector<float> qf, kf, vf;
@@ -221,15 +192,13 @@ void bad_arguments() {
   mixkv::Tensor none;
   mixkv::ScoreOptions o;
   o.kernel_size = 4;
-  bool threw = false;
-  try {
-    mixkv::score(view(q.data(), mixkv::DType::f32, {1, 2, 4, 8}), view(k.data(), mixkv::DType::f32, {1, 1, 10, 8}),
-                 view(v.data(), mixkv::DType::f32, {1, 1, 10, 8}), none, none, o,
-                 view(s.data(), mixkv::DType::f32, {1, 1, 6}), none, none, none, 0);
-  } catch (const std::invalid_argument& e) {
-    threw = std::string(e.what()).find("kernel_size") != std::string::npos;
-  }
-  CHECK(threw);
+  CHECK(mixkv_test::throws_invalid(
+      [&] {
+        mixkv::score(view(q.data(), mixkv::DType::f32, {1, 2, 4, 8}), view(k.data(), mixkv::DType::f32, {1, 1, 10, 8}),
+                     view(v.data(), mixkv::DType::f32, {1, 1, 10, 8}), none, none, o,
+                     view(s.data(), mixkv::DType::f32, {1, 1, 6}), none, none, none, 0);
+      },
+      "kernel_size"));
 }
 
 }  // namespace
@@ -248,10 +217,5 @@ int main() {
     }
   }
   bad_arguments();
-  if (g_failures) {
-    std::fprintf(stderr, "%d checks failed\n", g_failures);
-    return 1;
-  }
-  std::printf("test_score: all checks passed\n");
-  return 0;
+  return mixkv_test::finish("test_score");
 }

@@ -7,34 +7,12 @@
 #include <stdexcept>
 #include <vector>
 
+#include "check.hpp"
 #include "mixkv/select.hpp"
 
 namespace {
 
-int g_failures = 0;
-
-#define EXPECT(cond)                                                        \
-  do {                                                                      \
-    if (!(cond)) {                                                          \
-      ++g_failures;                                                         \
-      std::fprintf(stderr, "%s:%d: expectation failed: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                       \
-  } while (0)
-
-mixkv::Tensor view(void* data, mixkv::DType dt, std::vector<int64_t> shape) {
-  mixkv::Tensor t;
-  t.data = data;
-  t.dtype = dt;
-  t.ndim = static_cast<int>(shape.size());
-  int64_t stride = 1;
-  for (int i = t.ndim - 1; i >= 0; --i) {
-    t.shape[i] = shape[static_cast<std::size_t>(i)];
-    t.stride[i] = stride;
-    stride *= t.shape[i];
-  }
-  t.present = true;
-  return t;
-}
+using mixkv_test::view;
 
 const float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -78,17 +56,8 @@ void random_case(std::mt19937& rng, int64_t B, int64_t H, int64_t P, int extra) 
     std::vector<float> row(scores.begin() + r * P, scores.begin() + (r + 1) * P);
     int32_t count = 0;
     brute_force(row, P, caps[static_cast<std::size_t>(r)], C, want, count);
-    EXPECT(cnt[static_cast<std::size_t>(r)] == count);
-    for (int64_t i = 0; i < C; ++i) EXPECT(pos[static_cast<std::size_t>(r * C + i)] == want[static_cast<std::size_t>(i)]);
-  }
-}
-
-template <typename F>
-void expect_invalid(F&& f) {
-  try {
-    f();
-    EXPECT(false && "expected std::invalid_argument");
-  } catch (const std::invalid_argument&) {
+    CHECK(cnt[static_cast<std::size_t>(r)] == count);
+    for (int64_t i = 0; i < C; ++i) CHECK(pos[static_cast<std::size_t>(r * C + i)] == want[static_cast<std::size_t>(i)]);
   }
 }
 
@@ -109,21 +78,16 @@ int main() {
     mixkv::cpu::select(view(s.data(), mixkv::DType::f32, {1, 1, 10}), view(caps.data(), mixkv::DType::i32, {1, 1}),
                        view(pos.data(), mixkv::DType::i32, {1, 1, C}), view(cnt.data(), mixkv::DType::i32, {1, 1}));
   };
-  expect_invalid([&] { call(11); });  // capacity above P
+  CHECK(mixkv_test::throws_invalid([&] { call(11); }));  // capacity above P
   caps[0] = -1;
-  expect_invalid([&] { call(11); });
+  CHECK(mixkv_test::throws_invalid([&] { call(11); }));
   caps[0] = 5;
-  expect_invalid([&] { call(4); });  // fewer columns than the capacity
+  CHECK(mixkv_test::throws_invalid([&] { call(4); }));  // fewer columns than the capacity
   s[3] = std::nanf("");
-  expect_invalid([&] { call(5); });
+  CHECK(mixkv_test::throws_invalid([&] { call(5); }));
   s[3] = 1.f;
   call(5);
-  EXPECT(cnt[0] == 5 && pos[0] == 0 && pos[4] == 4);
+  CHECK(cnt[0] == 5 && pos[0] == 0 && pos[4] == 4);
 
-  if (g_failures) {
-    std::fprintf(stderr, "%d failures\n", g_failures);
-    return 1;
-  }
-  std::puts("test_select: ok");
-  return 0;
+  return mixkv_test::finish("test_select");
 }

@@ -6,35 +6,13 @@
 #include <stdexcept>
 #include <vector>
 
+#include "check.hpp"
 #include "mixkv/store.hpp"
 
 using mixkv::DType;
 using mixkv::Tensor;
 
-static int failures = 0;
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                        \
-    }                                                                    \
-  } while (0)
-
-template <typename T>
-Tensor view(std::vector<T>& v, DType dt, std::vector<int64_t> shape) {
-  Tensor t;
-  t.data = v.data();
-  t.dtype = dt;
-  t.ndim = static_cast<int>(shape.size());
-  int64_t stride = 1;
-  for (int i = t.ndim - 1; i >= 0; --i) {
-    t.shape[i] = shape[i];
-    t.stride[i] = stride;
-    stride *= shape[i];
-  }
-  t.present = true;
-  return t;
-}
+using mixkv_test::view;
 
 int main() {
   std::mt19937 rng(1234);
@@ -42,8 +20,8 @@ int main() {
   for (int trial = 0; trial < 50; ++trial) {
     const int B = 1 + rng() % 3, H = 1 + rng() % 3, N = 1 + rng() % 30, D = 1 + rng() % 20, W = rng() % 8;
     std::vector<float> keys(B * H * N * D), values(B * H * N * D);
-    for (auto& x : keys) x = nd(rng);
-    for (auto& x : values) x = nd(rng);
+    mixkv_test::fill(keys, nd, rng);
+    mixkv_test::fill(values, nd, rng);
     std::vector<int32_t> valid(B);
     for (auto& n : valid) n = 1 + rng() % N;
     // brute force: choose each prefix position with probability 1/2
@@ -77,8 +55,8 @@ int main() {
                        view(kbuf, DType::f32, {slots, D}), view(vbuf, DType::f32, {slots, D}),
                        view(lengths, DType::i32, {B * H}), 0);
     std::vector<float> kn(B * H * T * D), vn(B * H * T * D);
-    for (auto& x : kn) x = nd(rng);
-    for (auto& x : vn) x = nd(rng);
+    mixkv_test::fill(kn, nd, rng);
+    mixkv_test::fill(vn, nd, rng);
     mixkv::store_append(view(kn, DType::f32, {B, H, T, D}), view(vn, DType::f32, {B, H, T, D}),
                         view(offsets, DType::i32, {B * H}), view(lengths, DType::i32, {B * H}),
                         view(kbuf, DType::f32, {slots, D}), view(vbuf, DType::f32, {slots, D}), 0);
@@ -128,16 +106,11 @@ int main() {
   {
     std::vector<float> k(16), kb(8);
     std::vector<int32_t> off(2, 0), len(2, 3);
-    bool threw = false;
-    try {
+    CHECK(mixkv_test::throws_invalid([&] {
       mixkv::store_append(view(k, DType::f32, {1, 2, 2, 4}), view(k, DType::f32, {1, 2, 2, 4}),
                           view(off, DType::i32, {2}), view(len, DType::i32, {2}), view(kb, DType::f32, {2, 4}),
                           view(kb, DType::f32, {2, 4}), 0);
-    } catch (const std::invalid_argument&) {
-      threw = true;
-    }
-    CHECK(threw);
+    }));
   }
-  if (failures) std::fprintf(stderr, "%d failures\n", failures);
-  return failures ? 1 : 0;
+  return mixkv_test::finish("test_store");
 }

@@ -13,6 +13,7 @@ import transformers
 
 PAD, BOS, EOS = 0, 1, 2
 TEXT_VOCAB = range(3, 280)  # ordinary text tokens (image / special ids live above 280)
+IMAGE_TOKEN = 290
 
 _TEXT = {
     "vocab_size": 300,
@@ -25,6 +26,77 @@ _TEXT = {
     "eos_token_id": EOS,
     "pad_token_id": PAD,
 }
+
+
+def text_config(num_layers: int = 3, **extra: Any) -> dict[str, Any]:
+    """The tiny language-model settings every family shares, with ``num_layers`` layers and ``extra`` on top."""
+    return {**_TEXT, "num_hidden_layers": num_layers, **extra}
+
+
+def qwen2_vl_config(num_layers: int = 3) -> transformers.Qwen2VLConfig:
+    """Qwen2 text with multimodal rope, a one-block vision tower of 14-pixel patches merged 2x2."""
+    return transformers.Qwen2VLConfig(
+        text_config=text_config(
+            num_layers, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        ),
+        vision_config={
+            "depth": 1,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+        },
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=291,
+        vision_start_token_id=292,
+        vision_end_token_id=293,
+    )
+
+
+def llava_next_config(
+    num_layers: int = 3,
+    pinpoints: list[list[int]] | None = None,
+    text: dict[str, Any] | None = None,
+    vision: dict[str, Any] | None = None,
+) -> transformers.LlavaNextConfig:
+    """Mistral text, CLIP vision of 28-pixel images; ``text`` / ``vision`` add or replace settings."""
+    return transformers.LlavaNextConfig(
+        text_config=text_config(num_layers, model_type="mistral", **(text or {})),
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+            **(vision or {}),
+        },
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=[[28, 28]] if pinpoints is None else pinpoints,
+        vision_feature_layer=-1,
+    )
+
+
+def internvl_config(num_layers: int = 3, image_size: int = 56) -> transformers.InternVLConfig:
+    """Qwen2 text, a one-layer vision tower of ``image_size``-pixel square tiles."""
+    return transformers.InternVLConfig(
+        text_config=text_config(num_layers, model_type="qwen2"),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": [image_size, image_size],
+            "patch_size": [14, 14],
+        },
+        image_token_id=IMAGE_TOKEN,
+        downsample_ratio=0.5,
+    )
 
 
 @dataclass
@@ -71,33 +143,14 @@ def _load(config: Any, cls: type, path: Path, attn_implementation: str) -> Any:
 
 
 def qwen2_vl(path: Path, attn_implementation: str = "sdpa") -> TinyModel:
-    config = transformers.Qwen2VLConfig(
-        text_config=dict(
-            _TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-        ),
-        vision_config={
-            "depth": 1,
-            "embed_dim": 32,
-            "hidden_size": 64,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "in_channels": 3,
-        },
-        image_token_id=290,
-        video_token_id=291,
-        vision_start_token_id=292,
-        vision_end_token_id=293,
-    )
+    config = qwen2_vl_config()
     model = _load(config, transformers.Qwen2VLForConditionalGeneration, path, attn_implementation)
 
     def make_inputs(text_lengths: list[int]) -> dict[str, torch.Tensor]:
         rows, pixels = [], []
         for g, n in zip(_seeded(text_lengths, 1), text_lengths, strict=True):
             text = _text_tokens(g, n)
-            rows.append([BOS, *text[: n // 3], 292, *([290] * 16), 293, *text[n // 3 :]])
+            rows.append([BOS, *text[: n // 3], 292, *([IMAGE_TOKEN] * 16), 293, *text[n // 3 :]])
             pixels.append(torch.randn(64, 3 * 2 * 14 * 14, generator=g))
         ids, mask = _left_pad(rows)
         return {
@@ -105,35 +158,21 @@ def qwen2_vl(path: Path, attn_implementation: str = "sdpa") -> TinyModel:
             "attention_mask": mask,
             "pixel_values": torch.cat(pixels),
             "image_grid_thw": torch.tensor([[1, 8, 8]] * len(rows)),
-            "mm_token_type_ids": (ids == 290).int(),
+            "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
         }
 
     return TinyModel("qwen2_vl", model, 3, 2, 16, make_inputs)
 
 
 def llava_next(path: Path, attn_implementation: str = "sdpa") -> TinyModel:
-    config = transformers.LlavaNextConfig(
-        text_config=dict(_TEXT, model_type="mistral", sliding_window=None),
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 28,
-            "patch_size": 14,
-        },
-        image_token_index=290,
-        image_grid_pinpoints=[[28, 28]],
-        vision_feature_layer=-1,
-    )
+    config = llava_next_config(text={"sliding_window": None})
     model = _load(config, transformers.LlavaNextForConditionalGeneration, path, attn_implementation)
 
     def make_inputs(text_lengths: list[int]) -> dict[str, torch.Tensor]:
         rows, pixels = [], []
         for g, n in zip(_seeded(text_lengths, 2), text_lengths, strict=True):
             text = _text_tokens(g, n)
-            rows.append([BOS, *text[: n // 4], *([290] * 10), *text[n // 4 :]])
+            rows.append([BOS, *text[: n // 4], *([IMAGE_TOKEN] * 10), *text[n // 4 :]])
             pixels.append(torch.randn(1, 2, 3, 28, 28, generator=g))
         ids, mask = _left_pad(rows)
         return {
@@ -147,26 +186,14 @@ def llava_next(path: Path, attn_implementation: str = "sdpa") -> TinyModel:
 
 
 def internvl(path: Path, attn_implementation: str = "sdpa") -> TinyModel:
-    config = transformers.InternVLConfig(
-        text_config=dict(_TEXT, model_type="qwen2"),
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": [56, 56],
-            "patch_size": [14, 14],
-        },
-        image_token_id=290,
-        downsample_ratio=0.5,
-    )
+    config = internvl_config()
     model = _load(config, transformers.InternVLForConditionalGeneration, path, attn_implementation)
 
     def make_inputs(text_lengths: list[int]) -> dict[str, torch.Tensor]:
         rows, pixels = [], []
         for g, n in zip(_seeded(text_lengths, 3), text_lengths, strict=True):
             text = _text_tokens(g, n)
-            rows.append([BOS, *text[: n // 2], *([290] * 4), *text[n // 2 :]])
+            rows.append([BOS, *text[: n // 2], *([IMAGE_TOKEN] * 4), *text[n // 2 :]])
             pixels.append(torch.randn(1, 3, 56, 56, generator=g))
         ids, mask = _left_pad(rows)
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels)}

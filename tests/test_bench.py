@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import InternVLConfig, LlavaNextConfig, PretrainedConfig, Qwen2VLConfig
+from transformers import PretrainedConfig
 
 import mixkv
 from mixkv.bench import main as bench_main
@@ -19,79 +19,19 @@ from mixkv.bench.prompts import build_inputs, choose_image
 from mixkv.bench.report import write_results
 from mixkv.bench.runner import run_all
 from mixkv.bench.throughput import largest_batch
-
-TEXT = {
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
-IMAGE_TOKEN = 290
+from models import IMAGE_TOKEN, internvl_config, llava_next_config, qwen2_vl_config
 
 
 def tiny_qwen() -> PretrainedConfig:
-    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    vision = {
-        "depth": 1,
-        "embed_dim": 32,
-        "hidden_size": 64,
-        "num_heads": 2,
-        "mlp_ratio": 2,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "in_channels": 3,
-    }
-    return Qwen2VLConfig(
-        text_config=dict(TEXT, rope_parameters=rope),
-        vision_config=vision,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=291,
-        vision_start_token_id=292,
-        vision_end_token_id=293,
-    )
+    return qwen2_vl_config(num_layers=2)
 
 
 def tiny_llava(pinpoints: list[list[int]]) -> PretrainedConfig:
-    vision = {
-        "model_type": "clip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 28,
-        "patch_size": 14,
-        "projection_dim": 32,
-    }
-    return LlavaNextConfig(
-        text_config=dict(TEXT, model_type="mistral"),
-        vision_config=vision,
-        image_token_index=IMAGE_TOKEN,
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-1,
-    )
+    return llava_next_config(num_layers=2, pinpoints=pinpoints, vision={"projection_dim": 32})
 
 
 def tiny_internvl() -> PretrainedConfig:
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "image_size": [28, 28],
-        "patch_size": [14, 14],
-    }
-    return InternVLConfig(
-        text_config=dict(TEXT, model_type="qwen2"),
-        vision_config=vision,
-        image_token_id=IMAGE_TOKEN,
-        downsample_ratio=0.5,
-    )
+    return internvl_config(num_layers=2, image_size=28)
 
 
 # (config factory, prompt length, image tokens expected from the published formulas, by hand)

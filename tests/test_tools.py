@@ -42,18 +42,10 @@ def saved_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def saved_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from models import text_config
+
     d = tmp_path_factory.mktemp("text_model")
-    cfg = Qwen2Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    cfg = Qwen2Config(**text_config(num_layers=2))
     torch.manual_seed(2)
     Qwen2ForCausalLM(cfg).save_pretrained(d)
     return d
@@ -340,64 +332,18 @@ def test_fidelity_small_budget_differs(capsys, tmp_path):
         assert max(row["attn_rel_err_per_layer"]) > 0.0
 
 
-def _tiny_text(model_type: str) -> dict[str, object]:
-    return {
-        "model_type": model_type,
-        "vocab_size": 300,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-    }
-
-
 @pytest.mark.parametrize("family", ["llava_next", "internvl"])
 def test_generate_other_families_without_processor(capsys, tmp_path, family):
     """Synthetic inputs for LLaVA-NeXT and InternVL: generate runs and counts the image tokens right."""
-    from transformers import (
-        InternVLConfig,
-        InternVLForConditionalGeneration,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-    )
+    from transformers import InternVLForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    from models import internvl_config, llava_next_config
 
     torch.manual_seed(3)
     if family == "llava_next":
-        cfg = LlavaNextConfig(
-            text_config=_tiny_text("mistral"),
-            vision_config={
-                "model_type": "clip_vision_model",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": 28,
-                "patch_size": 14,
-            },
-            image_token_index=290,
-            image_grid_pinpoints=[[28, 28]],
-            vision_feature_layer=-1,
-        )
-        model = LlavaNextForConditionalGeneration(cfg)
+        model = LlavaNextForConditionalGeneration(llava_next_config(num_layers=2))
     else:
-        cfg = InternVLConfig(
-            text_config=_tiny_text("qwen2"),
-            vision_config={
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": [28, 28],
-                "patch_size": [14, 14],
-            },
-            image_token_id=290,
-            downsample_ratio=0.5,
-        )
-        model = InternVLForConditionalGeneration(cfg)
+        model = InternVLForConditionalGeneration(internvl_config(num_layers=2, image_size=28))
     model.save_pretrained(tmp_path / "m")
     synthetic_image("tiles", 56).save(tmp_path / "i.png")
     argv = ["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "i.png"), "--policy", "full"]

@@ -29,6 +29,15 @@ void check_buffer(const Tensor& buf, const char* name, const Tensor& like, const
   check_same_device(buf, name, like, like_name);
 }
 
+// k_buf and v_buf: two distinct [slots, D] buffers of one size, with the dtype and device of `like`.
+void check_buffer_pair(const Tensor& k_buf, const Tensor& v_buf, const Tensor& like, const char* like_name,
+                       int64_t d) {
+  check_buffer(k_buf, "k_buf", like, like_name, d);
+  check_buffer(v_buf, "v_buf", like, like_name, d);
+  require(k_buf.shape[0] == v_buf.shape[0], "v_buf must have the shape of k_buf");
+  require(k_buf.data != v_buf.data || k_buf.numel() == 0, "k_buf and v_buf must be distinct buffers");
+}
+
 void check_kv_pair(const Tensor& k, const char* kn, const Tensor& v, const char* vn) {
   check_tensor(k, kn, 4);
   check_tensor(v, vn, 4);
@@ -77,10 +86,7 @@ void store_build(const Tensor& keys, const Tensor& values, const Tensor& positio
   require(window >= 0, "window must be >= 0, got ", window);
   check_index_vector(offsets, "offsets", B * H);
   check_index_vector(lengths, "lengths", B * H);
-  check_buffer(k_buf, "k_buf", keys, "keys", D);
-  check_buffer(v_buf, "v_buf", keys, "keys", D);
-  require(k_buf.shape[0] == v_buf.shape[0], "v_buf must have the shape of k_buf");
-  require(k_buf.data != v_buf.data || k_buf.numel() == 0, "k_buf and v_buf must be distinct buffers");
+  check_buffer_pair(k_buf, v_buf, keys, "keys", D);
   check_same_device(positions, "positions", keys, "keys");
   check_same_device(counts, "counts", keys, "keys");
   if (valid_lengths.present) check_same_device(valid_lengths, "valid_lengths", keys, "keys");
@@ -159,10 +165,7 @@ void store_append(const Tensor& k_new, const Tensor& v_new, const Tensor& offset
   const int64_t B = k_new.shape[0], H = k_new.shape[1], D = k_new.shape[3];
   check_index_vector(offsets, "offsets", B * H);
   check_index_vector(lengths, "lengths", B * H);
-  check_buffer(k_buf, "k_buf", k_new, "k_new", D);
-  check_buffer(v_buf, "v_buf", k_new, "k_new", D);
-  require(k_buf.shape[0] == v_buf.shape[0], "v_buf must have the shape of k_buf");
-  require(k_buf.data != v_buf.data || k_buf.numel() == 0, "k_buf and v_buf must be distinct buffers");
+  check_buffer_pair(k_buf, v_buf, k_new, "k_new", D);
   check_same_device(offsets, "offsets", k_new, "k_new");
   check_same_device(lengths, "lengths", k_new, "k_new");
   if (k_new.is_cuda()) {

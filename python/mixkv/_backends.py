@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -62,6 +63,32 @@ def _ungroup(out: torch.Tensor, shape: torch.Size, num_kv_heads: int) -> torch.T
     return out.reshape(b, num_kv_heads, t, g, d).permute(0, 1, 3, 2, 4).reshape(b, hq, t, d)
 
 
+def _run_grouped(
+    fn: Callable[..., torch.Tensor],
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    num_segments: int,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_span: int,
+    **options: Any,
+) -> torch.Tensor:
+    """Calls a varlen kernel with one sequence per segment: its G query heads over its one kv head."""
+    num_kv_heads = num_segments // q.shape[0]
+    out = fn(
+        _group_queries(q, num_kv_heads),
+        k_buf.unsqueeze(1),
+        v_buf.unsqueeze(1),
+        cu_q,
+        cu_k,
+        q.shape[2],
+        max(int(max_span), 1),
+        **options,
+    )
+    return _ungroup(out, q.shape, num_kv_heads)
+
+
 def flash(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -82,18 +109,9 @@ def flash(
     cu_k = torch.stack([off, ends], dim=1).reshape(-1).to(torch.int32)
     steps = torch.arange(num_segments, device=q.device, dtype=torch.int32) * t
     cu_q = torch.stack([steps, steps + t], dim=1).reshape(-1).contiguous()
-    out = fn(
-        _group_queries(q, num_segments // q.shape[0]),
-        k_buf.unsqueeze(1),
-        v_buf.unsqueeze(1),
-        cu_q,
-        cu_k.contiguous(),
-        t,
-        max(int(max_span), 1),
-        softmax_scale=scale,
-        causal=t > 1,
+    return _run_grouped(
+        fn, q, k_buf, v_buf, num_segments, cu_q, cu_k.contiguous(), max_span, softmax_scale=scale, causal=t > 1
     )
-    return _ungroup(out, q.shape, num_segments // q.shape[0])
 
 
 def torch_varlen(
@@ -113,17 +131,17 @@ def torch_varlen(
     slots = torch.tensor([k_buf.shape[0]], device=q.device, dtype=torch.int32)
     cu_k = torch.cat([offsets.reshape(-1), slots]).to(torch.int32)
     cu_q = torch.arange(num_segments + 1, device=q.device, dtype=torch.int32) * t
-    out = fn(
-        _group_queries(q, num_segments // q.shape[0]),
-        k_buf.unsqueeze(1),
-        v_buf.unsqueeze(1),
+    return _run_grouped(
+        fn,
+        q,
+        k_buf,
+        v_buf,
+        num_segments,
         cu_q,
         cu_k,
-        t,
-        max(int(max_span), 1),
+        max_span,
         scale=scale,
         window_size=(-1, 0) if t > 1 else (-1, -1),
         enable_gqa=True,
         seqused_k=lengths.reshape(-1).to(torch.int32),
     )
-    return _ungroup(out, q.shape, num_segments // q.shape[0])

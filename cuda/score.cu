@@ -447,8 +447,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass1_mma_kernel(Params<T> 
   constexpr int LDK = mma_ldk<DK, T>();
   extern __shared__ __align__(128) unsigned char smem[];
   T* ring = reinterpret_cast<T*>(smem);                                          // [kStages][64][LDK]
-  float* invn = reinterpret_cast<float*>(smem + kStages * kTile * LDK * sizeof(T));  // [64]
-  float* usum = invn + kTile;                                                    // [4][DK]
+  float* usum = reinterpret_cast<float*>(smem + kStages * kTile * LDK * sizeof(T));  // [warps][DK]
   const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(p.tiles, (chunk + 1) * p.tpb);
@@ -461,7 +460,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass1_mma_kernel(Params<T> 
     if (st < ntiles) issue_tile<T, DK>(kbase, p.ks2, (t_begin + st) * kTile, s0, p.N, p.D, ring + st * kTile * LDK);
     score_detail::cp_async_commit();
   }
-  for (int i = tid; i < 4 * DK; i += nthreads) usum[i] = 0.0f;
+  // Row work: LPR lanes per key row, lane part c owns columns 8c..8c+7 and 8(c+LPR)..8(c+LPR)+7.
+  constexpr int LPR = DK / 16, RPS = 32 / LPR;
+  const int slot = lane / LPR, part = lane % LPR;
+  float uacc[16];
+#pragma unroll
+  for (int k = 0; k < 16; ++k) uacc[k] = 0.0f;
   const bool mma_warp = warp < p.strips;
   uint32_t qa[DK / 16][4];
   if (mma_warp) load_q_fragments<T, DK>(p, b, h, warp, lane, qa);
@@ -484,16 +488,19 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass1_mma_kernel(Params<T> 
     score_detail::cp_async_commit();
     const T* tile = ring + (it % kStages) * kTile * LDK;
     const int j0 = (t_begin + it) * kTile;
-    // Reciprocal key norms (zero rows give 0 · 1e12 = 0 below).
-    for (int r = warp; r < kTile; r += nwarps) {
+    // Sums of unit keys (padding rows are zero: 0 · 1e12 = 0), in registers.
+    for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
+      float x[16];
+      score_detail::load_eight(tile + r * LDK + 8 * part, x);
+      score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
       float ss = 0.0f;
 #pragma unroll
-      for (int c = 0; c < DK / 64; ++c) {
-        const float2 x = score_detail::load_pair(tile + r * LDK + c * 64 + 2 * lane);
-        ss = fmaf(x.x, x.x, fmaf(x.y, x.y, ss));
-      }
-      ss = warp_sum(ss);
-      if (lane == 0) invn[r] = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+      for (int k = 0; k < 16; ++k) ss = fmaf(x[k], x[k], ss);
+#pragma unroll
+      for (int o = 1; o < LPR; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      const float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+#pragma unroll
+      for (int k = 0; k < 16; ++k) uacc[k] = fmaf(x[k], inv, uacc[k]);
     }
     if (mma_warp) {
       float acc[8][4];
@@ -516,20 +523,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass1_mma_kernel(Params<T> 
         online_update(rm[u], rs[u], v);
       }
     }
-    __syncthreads();
-    // Sums of unit keys: entry idx owns column pair idx % (DK/2) over rows 16·(idx / (DK/2)) .. +15.
-    for (int idx = tid; idx < 2 * DK; idx += nthreads) {
-      const int pc = idx % (DK / 2), rg = idx / (DK / 2);
-      float2 acc = reinterpret_cast<float2*>(usum)[idx];
-#pragma unroll 4
-      for (int r = rg * 16; r < rg * 16 + 16; ++r) {
-        const float2 x = score_detail::load_pair(tile + r * LDK + 2 * pc);
-        const float w = invn[r];
-        acc.x = fmaf(x.x, w, acc.x);
-        acc.y = fmaf(x.y, w, acc.y);
-      }
-      reinterpret_cast<float2*>(usum)[idx] = acc;
-    }
   }
 #pragma unroll
   for (int u = 0; u < 2; ++u) {
@@ -540,11 +533,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass1_mma_kernel(Params<T> 
     }
     if (row_ok[u] && t4 == 0) p.stats[(int64_t(bh) * p.Rp + warp * 16 + g8 + 8 * u) * p.chunks1 + chunk] = st;
   }
+#pragma unroll
+  for (int k = 0; k < 16; ++k)
+    for (int o = LPR; o < 32; o <<= 1) uacc[k] += __shfl_xor_sync(0xffffffffu, uacc[k], o);
+  if (slot == 0)
+#pragma unroll
+    for (int k = 0; k < 16; ++k) usum[warp * DK + 8 * (part + (k >> 3) * LPR) + (k & 7)] = uacc[k];
   __syncthreads();
   for (int d = tid; d < p.Dp; d += nthreads) {
     float s = 0.0f;
     if (d < p.D)
-      for (int rg = 0; rg < 4; ++rg) s += usum[rg * DK + d];
+      for (int w = 0; w < nwarps; ++w) s += usum[w * DK + d];
     p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
   }
 }
@@ -593,6 +592,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass2_mma_kernel(Params<T> 
   }
   const int strips_per_head = p.Wp / 16;
   const int64_t col0 = int64_t(bh) * p.P;
+  constexpr int LPR = DK / 16, RPS = 32 / LPR;
+  const int slot = lane / LPR, part = lane % LPR;
   for (int it = 0; it < ntiles; ++it) {
     score_detail::cp_async_wait<kStages - 2>();
     __syncthreads();
@@ -601,26 +602,30 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass2_mma_kernel(Params<T> 
     const T* tile = kring + (it % kStages) * kTile * LDK;
     const T* vtile = vring + (it % kStages) * kTile * LDK;
     const int j0 = (t_begin + it) * kTile;
-    // Per prefix token: key norm, k̂·m, value norm.
-    for (int r = warp; r < kTile; r += nwarps) {
+    // Per prefix token: key norm, k̂·m, value norm (LPR lanes per row; the slot's lanes agree on j).
+    for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
       const int j = j0 + r;
-      if (j < s0 || j >= p.P) continue;
+      float x[16], mk[16];
+      score_detail::load_eight(tile + r * LDK + 8 * part, x);
+      score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
+#pragma unroll
+      for (int k = 0; k < 16; ++k) mk[k] = mkey[8 * (part + (k >> 3) * LPR) + (k & 7)];
       float ss = 0.0f, dm = 0.0f, vs = 0.0f;
 #pragma unroll
-      for (int c = 0; c < DK / 64; ++c) {
-        const int d = c * 64 + 2 * lane;
-        const float2 x = score_detail::load_pair(tile + r * LDK + d);
-        ss = fmaf(x.x, x.x, fmaf(x.y, x.y, ss));
-        dm = fmaf(x.x, mkey[d], fmaf(x.y, mkey[d + 1], dm));
-        if (p.need_v) {
-          const float2 y = score_detail::load_pair(vtile + r * LDK + d);
-          vs = fmaf(y.x, y.x, fmaf(y.y, y.y, vs));
-        }
+      for (int k = 0; k < 16; ++k) ss = fmaf(x[k], x[k], ss), dm = fmaf(x[k], mk[k], dm);
+      if (p.need_v) {
+        score_detail::load_eight(vtile + r * LDK + 8 * part, x);
+        score_detail::load_eight(vtile + r * LDK + 8 * (part + LPR), x + 8);
+#pragma unroll
+        for (int k = 0; k < 16; ++k) vs = fmaf(x[k], x[k], vs);
       }
-      ss = warp_sum(ss);
-      dm = warp_sum(dm);
-      if (p.need_v) vs = warp_sum(vs);
-      if (lane == 0) {
+#pragma unroll
+      for (int o = 1; o < LPR; o <<= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        dm += __shfl_xor_sync(0xffffffffu, dm, o);
+        vs += __shfl_xor_sync(0xffffffffu, vs, o);
+      }
+      if (part == 0 && j >= s0 && j < p.P) {
         const float norm = sqrtf(ss);
         p.knorm[col0 + j] = norm;
         p.sdot[col0 + j] = dm / fmaxf(norm, 1e-12f);
@@ -630,20 +635,35 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass2_mma_kernel(Params<T> 
     if (mma_warp) {
       float acc[8][4];
       score_detail::tile_logits<T, DK / 16, LDK>(qa, tile, lane, acc);
-      float col[8][2];
+      // Probabilities of the two rows, summed; v[2nt + e] is column 8nt + 2t + e.
+      float v[16];
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = fast_exp2(fmaf(acc[nt][e], p.scale2, -rmax[0])) * rinv[0];
-          v += fast_exp2(fmaf(acc[nt][2 + e], p.scale2, -rmax[1])) * rinv[1];
-          for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-          col[nt][e] = v;
-        }
-      if (g8 == 0)
+        for (int e = 0; e < 2; ++e)
+          v[2 * nt + e] = fast_exp2(fmaf(acc[nt][e], p.scale2, -rmax[0])) * rinv[0] +
+                          fast_exp2(fmaf(acc[nt][2 + e], p.scale2, -rmax[1])) * rinv[1];
+      // Sum over the 8 row pairs (lane bits 2..4) as a reduce-scatter: each step halves the columns
+      // a lane carries; at the end lane (g, t) holds columns 8nt + 2t + {0, 1} with nt = g's bits.
+      const int b0 = (lane >> 2) & 1, b1 = (lane >> 3) & 1, b2 = (lane >> 4) & 1;
+      float w8[8], w4[4], w2[2];
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-          *reinterpret_cast<float2*>(stripcol + warp * kTile + nt * 8 + 2 * t4) = make_float2(col[nt][0], col[nt][1]);
+      for (int i = 0; i < 8; ++i) {
+        const float send = b0 ? v[i] : v[i + 8], keep = b0 ? v[i + 8] : v[i];
+        w8[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float send = b1 ? w8[i] : w8[i + 4], keep = b1 ? w8[i + 4] : w8[i];
+        w4[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float send = b2 ? w4[i] : w4[i + 2], keep = b2 ? w4[i + 2] : w4[i];
+        w2[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+      }
+      const int nt = b0 * 4 + b1 * 2 + b2;
+      *reinterpret_cast<float2*>(stripcol + warp * kTile + nt * 8 + 2 * t4) = make_float2(w2[0], w2[1]);
     }
     __syncthreads();
     // Mean over the window rows, then the group reduction.
@@ -666,7 +686,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass2_mma_kernel(Params<T> 
 template <int DK, typename T>
 int64_t mma_smem_bytes(bool second) {
   const int64_t ring = int64_t(kStages) * kTile * mma_ldk<DK, T>() * sizeof(T);
-  return second ? 2 * ring + (DK + kMmaWarps * kTile) * 4 : ring + (kTile + 4 * DK) * 4;
+  return second ? 2 * ring + (DK + kMmaWarps * kTile) * 4 : ring + kMmaWarps * DK * 4;
 }
 
 template <typename T>

@@ -82,6 +82,21 @@ __device__ __forceinline__ float2 load_pair(const __half* ptr) {
   return __half22float2(*reinterpret_cast<const __half2*>(ptr));
 }
 
+// Eight adjacent 16-bit elements (16-byte aligned, shared memory) as floats.
+template <typename T>
+__device__ __forceinline__ void load_eight(const T* ptr, float* x) {
+  const uint4 u = *reinterpret_cast<const uint4*>(ptr);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    T pair[2];
+    std::memcpy(pair, &w[i], 4);
+    const float2 f = load_pair(pair);
+    x[2 * i] = f.x;
+    x[2 * i + 1] = f.y;
+  }
+}
+
 // Logits of one warp's 16 query rows (A fragments in registers, KS k-steps of 16) against a 64-key
 // tile in shared memory ([64][ldk] elements, key-major): acc[nt] is the m16n8 tile of keys 8nt..8nt+7.
 template <typename T, int KS, int LDK>

@@ -20,6 +20,7 @@
 
 #include "cuda_check.cuh"
 #include "dtype.cuh"
+#include "score_mma.cuh"
 #include "mixkv/error.hpp"
 #include "mixkv/score.hpp"
 
@@ -29,15 +30,20 @@ namespace {
 
 using cuda_detail::from_float;
 using cuda_detail::to_float;
+using score_detail::fast_exp2;
 
 constexpr int kTile = 64;          // keys per tile
 constexpr int kLds = kTile + 4;    // row stride of a warp's logit scratch (floats)
 constexpr int kMinWarps = 4;
 constexpr int kMaxWarps = 16;
 constexpr int kReduceThreads = 256;
-constexpr int kFinalThreads = 1024;
+constexpr int kFinalThreads = 256;
+constexpr int kFinalCols = 1024;   // prefix columns per finalize block
+constexpr int kParts = 10;         // partial sums per finalize block
+constexpr int kStages = 3;         // key tiles in flight in the tensor-core passes
+constexpr int kMmaWarps = 16;      // most 16-row strips the tensor-core passes hold in registers
 constexpr int kRedTokens = 256;    // tokens per block in head_redundancy
-constexpr int kTargetBlocks = 512;  // about four blocks per SM on a 132-SM GPU
+constexpr int kTargetBlocks = 132;  // one long-running block per SM on a 132-SM GPU
 constexpr int64_t kAlign = 256;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -46,7 +52,7 @@ int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 // ---- shapes and workspace layout (host) ----------------------------------------------------------
 
 struct Dims {
-  int64_t B, Hq, Hkv, N, W, D, G, P, Wp, Rp, Dp, tiles, tpb, chunks1, chunks2, strips;
+  int64_t B, Hq, Hkv, N, W, D, G, P, Wp, Rp, Dp, tiles, tpb, chunks1, chunks2, strips, fblocks;
 };
 
 Dims make_dims(int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t W, int64_t D) {
@@ -58,16 +64,17 @@ Dims make_dims(int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t W, int64_t
   d.Rp = d.G * d.Wp;
   d.Dp = round_up(D, 16);
   d.tiles = cdiv(N, kTile);
-  // Tiles per block: enough blocks to fill the GPU, a few tiles each on long sequences.
-  d.tpb = std::max<int64_t>(1, d.tiles * B * Hkv / kTargetBlocks);
+  // Tiles per block: about one block per SM, each streaming many tiles on long sequences.
+  d.tpb = std::max<int64_t>(1, cdiv(d.tiles * B * Hkv, kTargetBlocks));
   d.chunks1 = cdiv(d.tiles, d.tpb);
   d.chunks2 = cdiv(cdiv(d.P, kTile), d.tpb);
   d.strips = d.Rp / 16;
+  d.fblocks = cdiv(d.P, kFinalCols);
   return d;
 }
 
 struct Layout {
-  int64_t qpack, stats, rowstat, msum, mvec, ronline, raw_a, sdot, knorm, vnorm, total;
+  int64_t qpack, stats, rowstat, msum, mvec, ronline, raw_a, sdot, knorm, vnorm, fpart, total;
 };
 
 Layout make_layout(const Dims& d) {
@@ -89,6 +96,7 @@ Layout make_layout(const Dims& d) {
   l.sdot = take(bh * d.P * 4);
   l.knorm = take(bh * d.P * 4);
   l.vnorm = take(bh * d.P * 4);
+  l.fpart = take(bh * d.fblocks * kParts * 4);
   l.total = off;
   return l;
 }
@@ -119,9 +127,10 @@ struct Params {
   float* sdot;
   float* knorm;
   float* vnorm;
-  int B, Hkv, N, W, D, G, P, Wp, Rp, Dp, tpb, tiles, chunks1, strips, nwarps, ldk;
+  float* fpart;
+  int B, Hkv, N, W, D, G, P, Wp, Rp, Dp, tpb, tiles, chunks1, strips, nwarps, ldk, fblocks;
   int method, pooling, kernel, gqa;
-  float scale;
+  float scale, scale2;  // logit scale, and the same times log2(e): softmax statistics are kept base 2
   bool vec_k, need_v, need_kn, need_d;
 };
 
@@ -135,11 +144,11 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Merge two (max, sum-exp) pairs.
+// Merge two (max, sum of 2^(x - max)) pairs; symmetric, so butterfly merges agree in every lane.
 __device__ __forceinline__ float2 merge_stat(float2 a, float2 b) {
   const float m = fmaxf(a.x, b.x);
   if (m == -INFINITY) return make_float2(-INFINITY, 0.0f);
-  return make_float2(m, a.y * __expf(a.x - m) + b.y * __expf(b.x - m));
+  return make_float2(m, a.y * fast_exp2(a.x - m) + b.y * fast_exp2(b.x - m));
 }
 
 enum class Op { sum, min, max };
@@ -308,12 +317,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32) pass1_kernel(Params<T> p) {
         for (int cc = 0; cc < kTile / 2; ++cc) {
           const int c = 2 * cc + half, j = j0 + c;
           if (j < s0 || j > last) continue;
-          const float l = wscratch[row * kLds + c] * p.scale;
+          const float l = wscratch[row * kLds + c] * p.scale2;
           if (l > st.x) {
-            st.y = st.y * __expf(st.x - l) + 1.0f;
+            st.y = st.y * fast_exp2(st.x - l) + 1.0f;
             st.x = l;
           } else {
-            st.y += __expf(l - st.x);
+            st.y += fast_exp2(l - st.x);
           }
         }
       }
@@ -332,22 +341,27 @@ __global__ void __launch_bounds__(kMaxWarps * 32) pass1_kernel(Params<T> p) {
     p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = d < p.D ? usum[d] : 0.0f;
 }
 
+// Rows: one warp per packed row merges its per-chunk (max, sum) pairs. The last block along y: the
+// mean unit key m and the online r.
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads) combine_kernel(Params<T> p) {
   __shared__ float buf[32];
   const int bh = blockIdx.x, b = bh / p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int c_first = (s0 / kTile) / p.tpb;
-  for (int r = threadIdx.x; r < p.Rp; r += blockDim.x) {
-    if (r % p.Wp >= p.W) continue;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, rows_per_block = kReduceThreads / 32;
+  if (static_cast<int>(blockIdx.y) < static_cast<int>(gridDim.y) - 1) {
+    const int r = blockIdx.y * rows_per_block + warp;
+    if (r >= p.Rp || r % p.Wp >= p.W) return;  // whole warp
     const float2* st = p.stats + (int64_t(bh) * p.Rp + r) * p.chunks1;
-    float m = -INFINITY;
-    for (int c = c_first; c < p.chunks1; ++c) m = fmaxf(m, st[c].x);
-    float s = 0.0f;
-    if (m != -INFINITY)
-      for (int c = c_first; c < p.chunks1; ++c)
-        if (st[c].x != -INFINITY) s += st[c].y * expf(st[c].x - m);
-    p.rowstat[int64_t(bh) * p.Rp + r] = make_float2(m, s);
+    float2 acc = make_float2(-INFINITY, 0.0f);
+    for (int c = c_first + lane; c < p.chunks1; c += 32) acc = merge_stat(acc, st[c]);
+    for (int o = 16; o > 0; o >>= 1) {
+      const float2 other = make_float2(__shfl_xor_sync(0xffffffffu, acc.x, o), __shfl_xor_sync(0xffffffffu, acc.y, o));
+      acc = merge_stat(acc, other);
+    }
+    if (lane == 0) p.rowstat[int64_t(bh) * p.Rp + r] = acc;
+    return;
   }
   float sq = 0.0f;
   for (int d = threadIdx.x; d < p.Dp; d += blockDim.x) {
@@ -362,6 +376,317 @@ __global__ void __launch_bounds__(kReduceThreads) combine_kernel(Params<T> p) {
     const float r = n < 2 ? 0.0f : (static_cast<float>(n) * sq - 1.0f) / static_cast<float>(n - 1);
     p.ronline[bh] = fminf(1.0f, fmaxf(0.0f, r));
   }
+}
+
+// ---- tensor-core passes (16-bit inputs, 16-byte aligned rows, at most kMmaWarps strips) -----------
+// One block per (chunk of key tiles, b·h); warp s < strips holds the A fragments of packed query
+// rows 16s..16s+15 in registers for the whole chunk; key (and value) tiles stream through a
+// kStages-deep cp.async ring. DK: the head dimension rounded up to 64, 128 or 256.
+
+template <int DK, typename T>
+__host__ __device__ constexpr int mma_ldk() {
+  return DK + 8;  // 16-byte row padding: ldmatrix row addresses fall in distinct banks
+}
+
+template <typename T, int DK>
+__device__ __forceinline__ void load_q_fragments(const Params<T>& p, int b, int h, int warp, int lane,
+                                                 uint32_t (&qa)[DK / 16][4]) {
+  using score_detail::pack_pair;
+  const int g8 = lane >> 2, t = lane & 3;
+  const T zero = from_float<T>(0.0f);
+  const T* rows[2];
+  bool ok[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int r = warp * 16 + g8 + 8 * u, g = r / p.Wp, i = r % p.Wp;
+    ok[u] = i < p.W;
+    rows[u] = p.q + b * p.qs0 + int64_t(h * p.G + g) * p.qs1 + int64_t(i) * p.qs2;
+  }
+#pragma unroll
+  for (int ks = 0; ks < DK / 16; ++ks) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int c = ks * 16 + 2 * t + 8 * half;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const bool in = ok[u] && c < p.D;  // D % 8 == 0: both columns of the pair agree
+        qa[ks][2 * half + u] = in ? pack_pair(rows[u][c], rows[u][c + 1]) : pack_pair(zero, zero);
+      }
+    }
+  }
+}
+
+// Issue the cp.async copies of rows j0..j0+63 (zero outside [lo, hi) and past D) into `dst`.
+template <typename T, int DK>
+__device__ __forceinline__ void issue_tile(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
+                                           T* dst) {
+  constexpr int LDK = mma_ldk<DK, T>(), CH = DK / 8;
+  for (int idx = threadIdx.x; idx < kTile * CH; idx += blockDim.x) {
+    const int r = idx / CH, c = (idx % CH) * 8, j = j0 + r;
+    const bool ok = j >= lo && j < hi && c < D;
+    score_detail::cp_async16(dst + r * LDK + c, ok ? base + int64_t(j) * row_stride + c : base, ok);
+  }
+}
+
+// Online (max, sum of 2^(x - max)) over 16 base-2 logits.
+__device__ __forceinline__ void online_update(float& m, float& s, const float (&v)[16]) {
+  float t = v[0];
+#pragma unroll
+  for (int k = 1; k < 16; ++k) t = fmaxf(t, v[k]);
+  const float mn = fmaxf(m, t);
+  if (mn == -INFINITY) return;
+  float acc = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 16; ++k) acc += fast_exp2(v[k] - mn);
+  s = fmaf(s, fast_exp2(m - mn), acc);
+  m = mn;
+}
+
+template <typename T, int DK>
+__global__ void __launch_bounds__(kMmaWarps * 32, 1) pass1_mma_kernel(Params<T> p) {
+  constexpr int LDK = mma_ldk<DK, T>();
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* ring = reinterpret_cast<T*>(smem);                                          // [kStages][64][LDK]
+  float* usum = reinterpret_cast<float*>(smem + kStages * kTile * LDK * sizeof(T));  // [warps][DK]
+  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(p.tiles, (chunk + 1) * p.tpb);
+  if (t_begin >= t_end) return;  // padding only; `combine` skips this chunk
+  const int ntiles = t_end - t_begin;
+  const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+  const T* kbase = p.k + b * p.ks0 + h * p.ks1;
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < ntiles) issue_tile<T, DK>(kbase, p.ks2, (t_begin + st) * kTile, s0, p.N, p.D, ring + st * kTile * LDK);
+    score_detail::cp_async_commit();
+  }
+  // Row work: LPR lanes per key row, lane part c owns columns 8c..8c+7 and 8(c+LPR)..8(c+LPR)+7.
+  constexpr int LPR = DK / 16, RPS = 32 / LPR;
+  const int slot = lane / LPR, part = lane % LPR;
+  float uacc[16];
+#pragma unroll
+  for (int k = 0; k < 16; ++k) uacc[k] = 0.0f;
+  const bool mma_warp = warp < p.strips;
+  uint32_t qa[DK / 16][4];
+  if (mma_warp) load_q_fragments<T, DK>(p, b, h, warp, lane, qa);
+  const int g8 = lane >> 2, t4 = lane & 3;
+  int last[2];
+  bool row_ok[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int i = (warp * 16 + g8 + 8 * u) % p.Wp;
+    row_ok[u] = mma_warp && i < p.W;
+    last[u] = p.P + i;  // causal: window row i sees keys up to P + i
+  }
+  float rm[2] = {-INFINITY, -INFINITY}, rs[2] = {0.0f, 0.0f};
+  for (int it = 0; it < ntiles; ++it) {
+    score_detail::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (it + kStages - 1 < ntiles)
+      issue_tile<T, DK>(kbase, p.ks2, (t_begin + it + kStages - 1) * kTile, s0, p.N, p.D,
+                        ring + ((it + kStages - 1) % kStages) * kTile * LDK);
+    score_detail::cp_async_commit();
+    const T* tile = ring + (it % kStages) * kTile * LDK;
+    const int j0 = (t_begin + it) * kTile;
+    // Sums of unit keys (padding rows are zero: 0 · 1e12 = 0), in registers.
+    for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
+      float x[16];
+      score_detail::load_eight(tile + r * LDK + 8 * part, x);
+      score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
+      float ss = 0.0f;
+#pragma unroll
+      for (int k = 0; k < 16; ++k) ss = fmaf(x[k], x[k], ss);
+#pragma unroll
+      for (int o = 1; o < LPR; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      const float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+#pragma unroll
+      for (int k = 0; k < 16; ++k) uacc[k] = fmaf(x[k], inv, uacc[k]);
+    }
+    if (mma_warp) {
+      float acc[8][4];
+      score_detail::tile_logits<T, DK / 16, LDK>(qa, tile, lane, acc);
+      const bool edge = j0 < s0 || j0 + kTile - 1 > p.P;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        float v[16];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float l = acc[nt][2 * u + e] * p.scale2;
+            if (edge) {
+              const int j = j0 + nt * 8 + 2 * t4 + e;
+              if (j < s0 || j > last[u]) l = -INFINITY;
+            }
+            v[nt * 2 + e] = l;
+          }
+        online_update(rm[u], rs[u], v);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    float2 st = make_float2(rm[u], rs[u]);
+    for (int o = 1; o < 4; o <<= 1) {
+      const float2 other = make_float2(__shfl_xor_sync(0xffffffffu, st.x, o), __shfl_xor_sync(0xffffffffu, st.y, o));
+      st = merge_stat(st, other);
+    }
+    if (row_ok[u] && t4 == 0) p.stats[(int64_t(bh) * p.Rp + warp * 16 + g8 + 8 * u) * p.chunks1 + chunk] = st;
+  }
+#pragma unroll
+  for (int k = 0; k < 16; ++k)
+    for (int o = LPR; o < 32; o <<= 1) uacc[k] += __shfl_xor_sync(0xffffffffu, uacc[k], o);
+  if (slot == 0)
+#pragma unroll
+    for (int k = 0; k < 16; ++k) usum[warp * DK + 8 * (part + (k >> 3) * LPR) + (k & 7)] = uacc[k];
+  __syncthreads();
+  for (int d = tid; d < p.Dp; d += nthreads) {
+    float s = 0.0f;
+    if (d < p.D)
+      for (int w = 0; w < nwarps; ++w) s += usum[w * DK + d];
+    p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
+  }
+}
+
+template <typename T, int DK>
+__global__ void __launch_bounds__(kMmaWarps * 32, 1) pass2_mma_kernel(Params<T> p) {
+  constexpr int LDK = mma_ldk<DK, T>();
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* kring = reinterpret_cast<T*>(smem);                       // [kStages][64][LDK]
+  T* vring = kring + kStages * kTile * LDK;                    // [kStages][64][LDK]
+  float* mkey = reinterpret_cast<float*>(vring + kStages * kTile * LDK);  // [DK]
+  float* stripcol = mkey + DK;                                 // [kMmaWarps][64]
+  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  const int ptiles = (p.P + kTile - 1) / kTile;
+  const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(ptiles, (chunk + 1) * p.tpb);
+  if (t_begin >= t_end) return;
+  const int ntiles = t_end - t_begin;
+  const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+  const T* kbase = p.k + b * p.ks0 + h * p.ks1;
+  const T* vbase = p.v + b * p.vs0 + h * p.vs1;
+  auto issue = [&](int it) {
+    const int j0 = (t_begin + it) * kTile, st = it % kStages;
+    issue_tile<T, DK>(kbase, p.ks2, j0, s0, p.P, p.D, kring + st * kTile * LDK);
+    if (p.need_v) issue_tile<T, DK>(vbase, p.vs2, j0, s0, p.P, p.D, vring + st * kTile * LDK);
+  };
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < ntiles) issue(st);
+    score_detail::cp_async_commit();
+  }
+  for (int d = tid; d < DK; d += nthreads) mkey[d] = d < p.Dp ? p.mvec[int64_t(bh) * p.Dp + d] : 0.0f;
+  const bool mma_warp = warp < p.strips;
+  uint32_t qa[DK / 16][4];
+  if (mma_warp) load_q_fragments<T, DK>(p, b, h, warp, lane, qa);
+  const int g8 = lane >> 2, t4 = lane & 3;
+  float rmax[2], rinv[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int r = warp * 16 + g8 + 8 * u;
+    rmax[u] = INFINITY, rinv[u] = 0.0f;  // rows past W (or a row that sees nothing) add 0
+    if (mma_warp && r % p.Wp < p.W) {
+      const float2 st = p.rowstat[int64_t(bh) * p.Rp + r];
+      if (st.x != -INFINITY && st.y > 0.0f) rmax[u] = st.x, rinv[u] = 1.0f / st.y;
+    }
+  }
+  const int strips_per_head = p.Wp / 16;
+  const int64_t col0 = int64_t(bh) * p.P;
+  constexpr int LPR = DK / 16, RPS = 32 / LPR;
+  const int slot = lane / LPR, part = lane % LPR;
+  for (int it = 0; it < ntiles; ++it) {
+    score_detail::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (it + kStages - 1 < ntiles) issue(it + kStages - 1);
+    score_detail::cp_async_commit();
+    const T* tile = kring + (it % kStages) * kTile * LDK;
+    const T* vtile = vring + (it % kStages) * kTile * LDK;
+    const int j0 = (t_begin + it) * kTile;
+    // Per prefix token: key norm, k̂·m, value norm (LPR lanes per row; the slot's lanes agree on j).
+    for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
+      const int j = j0 + r;
+      float x[16], mk[16];
+      score_detail::load_eight(tile + r * LDK + 8 * part, x);
+      score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
+#pragma unroll
+      for (int k = 0; k < 16; ++k) mk[k] = mkey[8 * (part + (k >> 3) * LPR) + (k & 7)];
+      float ss = 0.0f, dm = 0.0f, vs = 0.0f;
+#pragma unroll
+      for (int k = 0; k < 16; ++k) ss = fmaf(x[k], x[k], ss), dm = fmaf(x[k], mk[k], dm);
+      if (p.need_v) {
+        score_detail::load_eight(vtile + r * LDK + 8 * part, x);
+        score_detail::load_eight(vtile + r * LDK + 8 * (part + LPR), x + 8);
+#pragma unroll
+        for (int k = 0; k < 16; ++k) vs = fmaf(x[k], x[k], vs);
+      }
+#pragma unroll
+      for (int o = 1; o < LPR; o <<= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        dm += __shfl_xor_sync(0xffffffffu, dm, o);
+        vs += __shfl_xor_sync(0xffffffffu, vs, o);
+      }
+      if (part == 0 && j >= s0 && j < p.P) {
+        const float norm = sqrtf(ss);
+        p.knorm[col0 + j] = norm;
+        p.sdot[col0 + j] = dm / fmaxf(norm, 1e-12f);
+        if (p.need_v) p.vnorm[col0 + j] = sqrtf(vs);
+      }
+    }
+    if (mma_warp) {
+      float acc[8][4];
+      score_detail::tile_logits<T, DK / 16, LDK>(qa, tile, lane, acc);
+      // Probabilities of the two rows, summed; v[2nt + e] is column 8nt + 2t + e.
+      float v[16];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          v[2 * nt + e] = fast_exp2(fmaf(acc[nt][e], p.scale2, -rmax[0])) * rinv[0] +
+                          fast_exp2(fmaf(acc[nt][2 + e], p.scale2, -rmax[1])) * rinv[1];
+      // Sum over the 8 row pairs (lane bits 2..4) as a reduce-scatter: each step halves the columns
+      // a lane carries; at the end lane (g, t) holds columns 8nt + 2t + {0, 1} with nt = g's bits.
+      const int b0 = (lane >> 2) & 1, b1 = (lane >> 3) & 1, b2 = (lane >> 4) & 1;
+      float w8[8], w4[4], w2[2];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float send = b0 ? v[i] : v[i + 8], keep = b0 ? v[i + 8] : v[i];
+        w8[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float send = b1 ? w8[i] : w8[i + 4], keep = b1 ? w8[i + 4] : w8[i];
+        w4[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float send = b2 ? w4[i] : w4[i + 2], keep = b2 ? w4[i + 2] : w4[i];
+        w2[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+      }
+      const int nt = b0 * 4 + b1 * 2 + b2;
+      *reinterpret_cast<float2*>(stripcol + warp * kTile + nt * 8 + 2 * t4) = make_float2(w2[0], w2[1]);
+    }
+    __syncthreads();
+    // Mean over the window rows, then the group reduction.
+    for (int c = tid; c < kTile; c += nthreads) {
+      const int j = j0 + c;
+      if (j < s0 || j >= p.P) continue;
+      float red = p.gqa == static_cast<int>(GqaReduce::max) ? -INFINITY : 0.0f;
+      for (int g = 0; g < p.G; ++g) {
+        float a = 0.0f;
+        for (int u = 0; u < strips_per_head; ++u) a += stripcol[(g * strips_per_head + u) * kTile + c];
+        a /= static_cast<float>(p.W);
+        red = p.gqa == static_cast<int>(GqaReduce::max) ? fmaxf(red, a) : red + a;
+      }
+      if (p.gqa != static_cast<int>(GqaReduce::max)) red /= static_cast<float>(p.G);
+      p.raw_a[col0 + j] = red;
+    }
+  }
+}
+
+template <int DK, typename T>
+int64_t mma_smem_bytes(bool second) {
+  const int64_t ring = int64_t(kStages) * kTile * mma_ldk<DK, T>() * sizeof(T);
+  return second ? 2 * ring + (DK + kMmaWarps * kTile) * 4 : ring + kMmaWarps * DK * 4;
 }
 
 template <typename T>
@@ -439,7 +764,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) pass2_kernel(Params<T> p) {
         if (j >= s0 && j < p.P) {
           for (int row = 0; row < 16 && i0 + row < p.W; ++row) {
             const float2 st = wstats[row];
-            acc += __expf(wscratch[row * kLds + c] * p.scale - st.x) * st.y;
+            acc += fast_exp2(fmaf(wscratch[row * kLds + c], p.scale2, -st.x)) * st.y;
           }
         }
         stripcol[s * kTile + c] = acc;
@@ -464,65 +789,113 @@ __global__ void __launch_bounds__(kMaxWarps * 32) pass2_kernel(Params<T> p) {
   }
 }
 
+// Finalize, step 1 (grid b·h × column blocks): pooled A (kept in `scores` for step 2), and per
+// block the partial sums, minima and maxima of step 2's statistics. Sums of a signal x are taken
+// as Σ(x − x_ref) with x_ref its first valid value, so that mean(x) − min(x) keeps its precision.
 template <typename T>
-__global__ void __launch_bounds__(kFinalThreads) finalize_kernel(Params<T> p) {
+__global__ void __launch_bounds__(kFinalThreads) finalize_stats_kernel(Params<T> p) {
   __shared__ float buf[32];
-  const int bh = blockIdx.x, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int bh = blockIdx.x, fb = blockIdx.y, b = bh / p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
-  float r = p.ronline[bh];
-  if (p.red != nullptr) r = p.red[(p.red_rows == 1 ? 0 : b) * p.red_s0 + h * p.red_s1];
-  if (threadIdx.x == 0 && p.r_out != nullptr) p.r_out[bh] = r;
   const int64_t col0 = int64_t(bh) * p.P;
   float* out = p.scores + col0;
   float* imp = p.importance != nullptr ? p.importance + col0 : nullptr;
-  for (int j = threadIdx.x; j < min(s0, p.P); j += blockDim.x) {
+  const int c_begin = fb * kFinalCols, c_end = min(p.P, c_begin + kFinalCols);
+  for (int j = c_begin + threadIdx.x; j < min(s0, c_end); j += blockDim.x) {
     out[j] = -INFINITY;
     if (imp) imp[j] = -INFINITY;
   }
-  const int np = p.P - s0;
-  if (np <= 0) return;
+  if (p.P - s0 <= 0) return;
   const float* raw = p.raw_a + col0;
   const int half = p.kernel / 2;
   const bool avg = p.pooling == static_cast<int>(Pooling::avg);
-  // Sweep 1: pooled A (kept in `out` for now), its sum, and the ranges of the extra signals.
-  float sum_a = 0.0f, vlo = INFINITY, vhi = -INFINITY, klo = INFINITY, khi = -INFINITY, dlo = INFINITY,
-        dhi = -INFINITY;
-  for (int j = s0 + threadIdx.x; j < p.P; j += blockDim.x) {
+  const float vref = p.need_v ? p.vnorm[col0 + s0] : 0.0f;
+  const float kref = p.need_kn ? -p.knorm[col0 + s0] : 0.0f;
+  const float dref = p.need_d ? -p.sdot[col0 + s0] : 0.0f;
+  float sum_a = 0.0f, vlo = INFINITY, vhi = -INFINITY, vsum = 0.0f, klo = INFINITY, khi = -INFINITY, ksum = 0.0f,
+        dlo = INFINITY, dhi = -INFINITY, dsum = 0.0f;
+  for (int j = max(s0, c_begin) + threadIdx.x; j < c_end; j += blockDim.x) {
     const int lo = max(s0, j - half), hi = min(p.P - 1, j + half);
     float acc = avg ? 0.0f : -INFINITY;
     for (int u = lo; u <= hi; ++u) acc = avg ? acc + raw[u] : fmaxf(acc, raw[u]);
     const float a = avg ? acc / static_cast<float>(p.kernel) : acc;
     out[j] = a;
     sum_a += a;
-    if (p.need_v) vlo = fminf(vlo, p.vnorm[col0 + j]), vhi = fmaxf(vhi, p.vnorm[col0 + j]);
-    if (p.need_kn) klo = fminf(klo, -p.knorm[col0 + j]), khi = fmaxf(khi, -p.knorm[col0 + j]);
-    if (p.need_d) dlo = fminf(dlo, -p.sdot[col0 + j]), dhi = fmaxf(dhi, -p.sdot[col0 + j]);
+    if (p.need_v) {
+      const float x = p.vnorm[col0 + j];
+      vlo = fminf(vlo, x), vhi = fmaxf(vhi, x), vsum += x - vref;
+    }
+    if (p.need_kn) {
+      const float x = -p.knorm[col0 + j];
+      klo = fminf(klo, x), khi = fmaxf(khi, x), ksum += x - kref;
+    }
+    if (p.need_d) {
+      const float x = -p.sdot[col0 + j];
+      dlo = fminf(dlo, x), dhi = fmaxf(dhi, x), dsum += x - dref;
+    }
   }
-  sum_a = block_reduce<Op::sum>(sum_a, buf);
-  const float mean_a = sum_a / static_cast<float>(np);
-  if (p.need_v) vlo = block_reduce<Op::min>(vlo, buf), vhi = block_reduce<Op::max>(vhi, buf);
-  if (p.need_kn) klo = block_reduce<Op::min>(klo, buf), khi = block_reduce<Op::max>(khi, buf);
-  if (p.need_d) dlo = block_reduce<Op::min>(dlo, buf), dhi = block_reduce<Op::max>(dhi, buf);
-  const float vrange = vhi - vlo + 1e-8f, krange = khi - klo + 1e-8f, drange = dhi - dlo + 1e-8f;
-  // Sweep 2: means of the normalised signals.
-  float vsum = 0.0f, ksum = 0.0f, dsum = 0.0f;
-  for (int j = s0 + threadIdx.x; j < p.P; j += blockDim.x) {
-    if (p.need_v) vsum += (p.vnorm[col0 + j] - vlo) / vrange;
-    if (p.need_kn) ksum += (-p.knorm[col0 + j] - klo) / krange;
-    if (p.need_d) dsum += (-p.sdot[col0 + j] - dlo) / drange;
+  float part[kParts] = {sum_a, vlo, vhi, vsum, klo, khi, ksum, dlo, dhi, dsum};
+  part[0] = block_reduce<Op::sum>(part[0], buf);
+  if (p.need_v) {
+    part[1] = block_reduce<Op::min>(part[1], buf), part[2] = block_reduce<Op::max>(part[2], buf);
+    part[3] = block_reduce<Op::sum>(part[3], buf);
   }
-  if (p.need_v) vsum = block_reduce<Op::sum>(vsum, buf);
-  if (p.need_kn) ksum = block_reduce<Op::sum>(ksum, buf);
-  if (p.need_d) dsum = block_reduce<Op::sum>(dsum, buf);
-  const float fv = mean_a / (vsum / static_cast<float>(np) + 1e-8f);
-  const float fk = mean_a / (ksum / static_cast<float>(np) + 1e-8f);
-  const float fd = mean_a / (dsum / static_cast<float>(np) + 1e-8f);
-  // Sweep 3: mixing.
-  for (int j = s0 + threadIdx.x; j < p.P; j += blockDim.x) {
+  if (p.need_kn) {
+    part[4] = block_reduce<Op::min>(part[4], buf), part[5] = block_reduce<Op::max>(part[5], buf);
+    part[6] = block_reduce<Op::sum>(part[6], buf);
+  }
+  if (p.need_d) {
+    part[7] = block_reduce<Op::min>(part[7], buf), part[8] = block_reduce<Op::max>(part[8], buf);
+    part[9] = block_reduce<Op::sum>(part[9], buf);
+  }
+  if (threadIdx.x == 0)
+    for (int k = 0; k < kParts; ++k) p.fpart[(int64_t(bh) * p.fblocks + fb) * kParts + k] = part[k];
+}
+
+// Finalize, step 2 (same grid): every block folds the partials in block order, then mixes its columns.
+template <typename T>
+__global__ void __launch_bounds__(kFinalThreads) finalize_mix_kernel(Params<T> p) {
+  __shared__ float tot[kParts];
+  const int bh = blockIdx.x, fb = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  float r = p.ronline[bh];
+  if (p.red != nullptr) r = p.red[(p.red_rows == 1 ? 0 : b) * p.red_s0 + h * p.red_s1];
+  if (fb == 0 && threadIdx.x == 0 && p.r_out != nullptr) p.r_out[bh] = r;
+  const int np = p.P - s0;
+  if (np <= 0) return;
+  const int fb_first = s0 / kFinalCols;  // blocks before it saw no valid column
+  if (threadIdx.x < kParts) {
+    const int k = threadIdx.x;
+    const bool is_min = k == 1 || k == 4 || k == 7, is_max = k == 2 || k == 5 || k == 8;
+    float acc = is_min ? INFINITY : (is_max ? -INFINITY : 0.0f);
+    for (int f = fb_first; f < p.fblocks; ++f) {
+      const float x = p.fpart[(int64_t(bh) * p.fblocks + f) * kParts + k];
+      acc = is_min ? fminf(acc, x) : (is_max ? fmaxf(acc, x) : acc + x);
+    }
+    tot[k] = acc;
+  }
+  __syncthreads();
+  const int64_t col0 = int64_t(bh) * p.P;
+  const float fnp = static_cast<float>(np);
+  const float mean_a = tot[0] / fnp;
+  // mean of a min-max normalised signal: (mean(x) − lo) / range, mean(x) − lo = Σ(x − x_ref)/np + (x_ref − lo)
+  auto factor = [&](float lo, float hi, float sum, float ref, float& range) {
+    range = hi - lo + 1e-8f;
+    const float mnorm = fmaxf(0.0f, (sum / fnp + (ref - lo)) / range);
+    return mean_a / (mnorm + 1e-8f);
+  };
+  float vrange = 1.0f, krange = 1.0f, drange = 1.0f, fv = 0.0f, fk = 0.0f, fd = 0.0f;
+  if (p.need_v) fv = factor(tot[1], tot[2], tot[3], p.vnorm[col0 + s0], vrange);
+  if (p.need_kn) fk = factor(tot[4], tot[5], tot[6], -p.knorm[col0 + s0], krange);
+  if (p.need_d) fd = factor(tot[7], tot[8], tot[9], -p.sdot[col0 + s0], drange);
+  float* out = p.scores + col0;
+  float* imp = p.importance != nullptr ? p.importance + col0 : nullptr;
+  const int c_end = min(p.P, (fb + 1) * kFinalCols);
+  for (int j = max(s0, fb * kFinalCols) + threadIdx.x; j < c_end; j += blockDim.x) {
     const float a = out[j];
-    const float vn = p.need_v ? (p.vnorm[col0 + j] - vlo) / vrange * fv : 0.0f;
-    const float kn = p.need_kn ? (-p.knorm[col0 + j] - klo) / krange * fk : 0.0f;
-    const float dv = p.need_d ? (-p.sdot[col0 + j] - dlo) / drange * fd : 0.0f;
+    const float vn = p.need_v ? (p.vnorm[col0 + j] - tot[1]) / vrange * fv : 0.0f;
+    const float kn = p.need_kn ? (-p.knorm[col0 + j] - tot[4]) / krange * fk : 0.0f;
+    const float dv = p.need_d ? (-p.sdot[col0 + j] - tot[7]) / drange * fd : 0.0f;
     float s = a;
     switch (static_cast<Method>(p.method)) {
       case Method::attn: s = a; break;
@@ -632,6 +1005,31 @@ bool aligned16(const void* ptr, std::initializer_list<int64_t> strides, int64_t 
 }
 
 template <typename T>
+void launch_combine(const Params<T>& p, const Dims& d, cudaStream_t stream) {
+  const unsigned row_blocks = static_cast<unsigned>(cdiv(d.Rp, kReduceThreads / 32));
+  combine_kernel<T><<<dim3(static_cast<unsigned>(d.B * d.Hkv), row_blocks + 1), kReduceThreads, 0, stream>>>(p);
+  MIXKV_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T, int DK>
+void launch_passes_mma(const Params<T>& p, const Dims& d, int device, cudaStream_t stream) {
+  const int64_t smem1 = mma_smem_bytes<DK, T>(false), smem2 = mma_smem_bytes<DK, T>(true);
+  static std::atomic<int64_t> granted1[64];
+  static std::atomic<int64_t> granted2[64];
+  allow_smem(pass1_mma_kernel<T, DK>, smem1, device, granted1);
+  allow_smem(pass2_mma_kernel<T, DK>, smem2, device, granted2);
+  const int threads = 32 * static_cast<int>(std::max<int64_t>(kMinWarps, d.strips));
+  const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
+  pass1_mma_kernel<T, DK><<<dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream>>>(p);
+  MIXKV_CUDA_CHECK_LAUNCH();
+  launch_combine(p, d, stream);
+  if (d.chunks2 > 0) {
+    pass2_mma_kernel<T, DK><<<dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream>>>(p);
+    MIXKV_CUDA_CHECK_LAUNCH();
+  }
+}
+
+template <typename T>
 void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& valid, const Tensor& redundancy,
                   const ScoreOptions& o, const Tensor& scores, const Tensor& importance, const Tensor& r_out,
                   const Tensor& workspace, cudaStream_t stream) {
@@ -672,9 +1070,10 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.sdot = reinterpret_cast<float*>(ws + lay.sdot);
   p.knorm = reinterpret_cast<float*>(ws + lay.knorm);
   p.vnorm = reinterpret_cast<float*>(ws + lay.vnorm);
+  p.fpart = reinterpret_cast<float*>(ws + lay.fpart);
   p.B = int(d.B), p.Hkv = int(d.Hkv), p.N = int(d.N), p.W = int(d.W), p.D = int(d.D), p.G = int(d.G);
   p.P = int(d.P), p.Wp = int(d.Wp), p.Rp = int(d.Rp), p.Dp = int(d.Dp), p.tpb = int(d.tpb);
-  p.tiles = int(d.tiles), p.chunks1 = int(d.chunks1), p.strips = int(d.strips);
+  p.tiles = int(d.tiles), p.chunks1 = int(d.chunks1), p.strips = int(d.strips), p.fblocks = int(d.fblocks);
   p.nwarps = int(std::min<int64_t>(kMaxWarps, std::max<int64_t>(kMinWarps, d.strips)));
   p.ldk = int(d.Dp + (sizeof(T) == 4 ? 4 : 8));
   p.method = static_cast<int>(o.method);
@@ -682,32 +1081,50 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.kernel = o.kernel_size;
   p.gqa = static_cast<int>(o.gqa);
   p.scale = o.scale > 0.0f ? o.scale : 1.0f / std::sqrt(static_cast<float>(d.D));
+  p.scale2 = p.scale * 1.4426950408889634f;
   p.vec_k = aligned16(k.data, {k.stride[0], k.stride[1], k.stride[2], d.D}, sizeof(T));
   p.need_v = o.method == Method::vnorm || o.method == Method::uniform_mix || o.method == Method::mixkv;
   p.need_kn = o.method == Method::knorm;
   p.need_d = o.method == Method::keydiff || o.method == Method::uniform_mix || o.method == Method::mixkv;
   require(int64_t(d.Rp) * d.chunks1 < (int64_t(1) << 31), "score: shape too large");
 
-  const int threads = p.nwarps * 32;
-  const int64_t smem1 = smem_layout(p.ldk, sizeof(T), p.nwarps, p.Dp, p.strips, false).total;
-  const int64_t smem2 = smem_layout(p.ldk, sizeof(T), p.nwarps, p.Dp, p.strips, true).total;
-  static std::atomic<int64_t> granted1[64];
-  static std::atomic<int64_t> granted2[64];
-  allow_smem(pass1_kernel<T>, smem1, k.device_id, granted1);
-  allow_smem(pass2_kernel<T>, smem2, k.device_id, granted2);
-
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
-  pack_q_kernel<T><<<dim3(static_cast<unsigned>(d.Rp), bh), 128, 0, stream>>>(p);
-  MIXKV_CUDA_CHECK_LAUNCH();
-  pass1_kernel<T><<<dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream>>>(p);
-  MIXKV_CUDA_CHECK_LAUNCH();
-  combine_kernel<T><<<bh, kReduceThreads, 0, stream>>>(p);
-  MIXKV_CUDA_CHECK_LAUNCH();
-  if (d.chunks2 > 0) {
-    pass2_kernel<T><<<dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream>>>(p);
-    MIXKV_CUDA_CHECK_LAUNCH();
+  const bool vec_v = aligned16(v.data, {v.stride[0], v.stride[1], v.stride[2], d.D}, sizeof(T));
+  bool done = false;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (p.vec_k && (vec_v || !p.need_v) && d.strips <= kMmaWarps) {
+      if (d.D <= 64) {
+        launch_passes_mma<T, 64>(p, d, k.device_id, stream);
+      } else if (d.D <= 128) {
+        launch_passes_mma<T, 128>(p, d, k.device_id, stream);
+      } else {
+        launch_passes_mma<T, 256>(p, d, k.device_id, stream);
+      }
+      done = true;
+    }
   }
-  finalize_kernel<T><<<bh, kFinalThreads, 0, stream>>>(p);
+  if (!done) {
+    const int threads = p.nwarps * 32;
+    const int64_t smem1 = smem_layout(p.ldk, sizeof(T), p.nwarps, p.Dp, p.strips, false).total;
+    const int64_t smem2 = smem_layout(p.ldk, sizeof(T), p.nwarps, p.Dp, p.strips, true).total;
+    static std::atomic<int64_t> granted1[64];
+    static std::atomic<int64_t> granted2[64];
+    allow_smem(pass1_kernel<T>, smem1, k.device_id, granted1);
+    allow_smem(pass2_kernel<T>, smem2, k.device_id, granted2);
+    pack_q_kernel<T><<<dim3(static_cast<unsigned>(d.Rp), bh), 128, 0, stream>>>(p);
+    MIXKV_CUDA_CHECK_LAUNCH();
+    pass1_kernel<T><<<dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream>>>(p);
+    MIXKV_CUDA_CHECK_LAUNCH();
+    launch_combine(p, d, stream);
+    if (d.chunks2 > 0) {
+      pass2_kernel<T><<<dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream>>>(p);
+      MIXKV_CUDA_CHECK_LAUNCH();
+    }
+  }
+  const dim3 fgrid(bh, static_cast<unsigned>(d.fblocks));
+  finalize_stats_kernel<T><<<fgrid, kFinalThreads, 0, stream>>>(p);
+  MIXKV_CUDA_CHECK_LAUNCH();
+  finalize_mix_kernel<T><<<fgrid, kFinalThreads, 0, stream>>>(p);
   MIXKV_CUDA_CHECK_LAUNCH();
 }
 

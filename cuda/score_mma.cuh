@@ -1,0 +1,121 @@
+// Warp-level tensor-core and asynchronous-copy primitives used by the scoring kernels (sm_80+).
+//
+// Fragment layout of mma.m16n8k16 (PTX ISA), lane = 4·g + t:
+//   A (16×16, row-major): a0 = (row g, cols 2t, 2t+1), a1 = (row g+8, cols 2t..), a2 = (row g, cols 2t+8..),
+//                         a3 = (row g+8, cols 2t+8..).
+//   B (16×8): b0 = (k 2t, 2t+1; col g), b1 = (k 2t+8, 2t+9; col g).
+//   C (16×8, float): c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, cols 2t, 2t+1).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace mixkv::score_detail {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte asynchronous copy global -> shared; `valid == false` writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
+}
+
+// Four 8×8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(ptr))
+               : "memory");
+}
+
+// c += a · b for one m16n8k16 tile, float accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "mma_16816: 16-bit types only");
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// 2^x (approximate, about 2 ulp; 2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
+  uint16_t a, b;
+  std::memcpy(&a, &lo, 2);
+  std::memcpy(&b, &hi, 2);
+  return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+}
+
+// Two adjacent 16-bit elements (4-byte aligned) as floats.
+__device__ __forceinline__ float2 load_pair(const __nv_bfloat16* ptr) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(ptr));
+}
+__device__ __forceinline__ float2 load_pair(const __half* ptr) {
+  return __half22float2(*reinterpret_cast<const __half2*>(ptr));
+}
+
+// Eight adjacent 16-bit elements (16-byte aligned, shared memory) as floats.
+template <typename T>
+__device__ __forceinline__ void load_eight(const T* ptr, float* x) {
+  const uint4 u = *reinterpret_cast<const uint4*>(ptr);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    T pair[2];
+    std::memcpy(pair, &w[i], 4);
+    const float2 f = load_pair(pair);
+    x[2 * i] = f.x;
+    x[2 * i + 1] = f.y;
+  }
+}
+
+// Logits of one warp's 16 query rows (A fragments in registers, KS k-steps of 16) against a 64-key
+// tile in shared memory ([64][ldk] elements, key-major): acc[nt] is the m16n8 tile of keys 8nt..8nt+7.
+template <typename T, int KS, int LDK>
+__device__ __forceinline__ void tile_logits(const uint32_t (&qa)[KS][4], const T* tile, int lane,
+                                            float (&acc)[8][4]) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+  const int mi = lane >> 3, r = lane & 7;
+  const T* base = tile + ((mi >> 1) * 8 + r) * LDK + (mi & 1) * 8;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, base + np * 16 * LDK + ks * 16);
+      mma_16816<T>(acc[2 * np], qa[ks], bf[0], bf[1]);
+      mma_16816<T>(acc[2 * np + 1], qa[ks], bf[2], bf[3]);
+    }
+  }
+}
+
+}  // namespace mixkv::score_detail

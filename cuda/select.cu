@@ -1,6 +1,7 @@
-// CUDA top-c selection: one block per (b, h) row. The row's order-preserving keys are cached in
-// shared memory when they fit (up to ~55k positions on sm_90), a three-pass radix select finds
-// the c-th largest key, and an in-order compaction writes the chosen positions ascending.
+// CUDA top-c selection: one thread-block cluster per (b, h) row (up to 8 blocks, ~1k positions
+// each). Each block caches its chunk of the row as order-preserving keys in shared memory, a
+// cluster-wide four-pass radix select finds the c-th largest key, and each block writes its chosen
+// positions at their place in the ascending output (cluster_select.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -10,12 +11,15 @@
 #include "cuda_check.cuh"
 #include "mixkv/error.hpp"
 #include "mixkv/select.hpp"
+#include "cluster_select.cuh"
 #include "radix_select.cuh"
 
 namespace mixkv {
 namespace {
 
 namespace rx = cuda_detail::radix;
+namespace csel = cuda_detail::csel;
+namespace cg = cooperative_groups;
 
 struct SelectArgs {
   const float* scores;
@@ -29,86 +33,38 @@ struct SelectArgs {
   int H, P, C;
 };
 
+// One cluster of G blocks per (b, h) row; block r of the cluster holds positions
+// [r * chunk, (r + 1) * chunk) of the row (as order keys in shared memory when kCached).
 template <bool kCached>
-__global__ void __launch_bounds__(1024) select_rows_kernel(SelectArgs a) {
+__global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chunk) {
   extern __shared__ uint32_t cached_keys[];
-  __shared__ rx::Shared sh;
-  __shared__ uint32_t warp_greater[rx::kMaxWarps], warp_equal[rx::kMaxWarps];
-  const int b = blockIdx.x / a.H, h = blockIdx.x % a.H;
-  const float* row = a.scores + b * a.s_b + h * a.s_h;
+  __shared__ csel::Shared sh;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int G = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  const int row = static_cast<int>(blockIdx.x) / G;
+  const int b = row / a.H, h = row % a.H;
+  const int lo = min(rank * chunk, a.P), n_local = min(lo + chunk, a.P) - lo;
+  const float* src = a.scores + b * a.s_b + h * a.s_h + lo;
   int32_t* out = a.positions + b * a.p_b + h * a.p_h;
-  const int P = a.P;
+  if constexpr (kCached) csel::load_keys<8>(src, n_local, cached_keys);
   auto key_at = [&](int i) -> uint32_t {
     if constexpr (kCached) {
       return cached_keys[i];
     } else {
-      return rx::order_key(row[i]);
+      return rx::order_key(src[i]);
     }
   };
-
-  uint32_t valid = 0;
-  for (int i = threadIdx.x; i < P; i += blockDim.x) {
-    const uint32_t key = rx::order_key(row[i]);
-    if constexpr (kCached) cached_keys[i] = key;
-    valid += key > rx::kNegInfKey ? 1u : 0u;
-  }
-  const uint32_t finite = rx::block_sum(valid, sh);  // also orders the cache writes before reads
   const int cap = a.caps[b * a.c_b + h * a.c_h];
-  const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(P, a.C)));
-  const uint32_t take = min(c, finite);
-
-  uint32_t threshold, take_equal;
-  if (take == 0) {
-    threshold = 0xFFFFFFFFu;  // nothing is greater
-    take_equal = 0;
-  } else if (take == finite) {
-    threshold = rx::kNegInfKey;  // everything above -inf
-    take_equal = 0;
-  } else {
-    rx::select_kth(key_at, P, take, sh, threshold, take_equal);
-  }
-
-  // Compaction in position order: warp w scans the contiguous chunk [w*chunk, (w+1)*chunk).
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int chunk = ((P + nwarps - 1) / nwarps + 31) / 32 * 32;
-  const int lo = min(warp * chunk, P), hi = min(lo + chunk, P);
-  uint32_t greater = 0, equal = 0;
-  for (int base = lo; base < hi; base += 32) {
-    const int i = base + lane;
-    const uint32_t key = i < hi ? key_at(i) : 0u;
-    greater += __popc(__ballot_sync(0xFFFFFFFFu, i < hi && key > threshold));
-    equal += __popc(__ballot_sync(0xFFFFFFFFu, i < hi && key == threshold));
-  }
-  if (lane == 0) {
-    warp_greater[warp] = greater;
-    warp_equal[warp] = equal;
-  }
-  __syncthreads();
-  uint32_t g_before = 0, e_before = 0;
-  for (int w = 0; w < warp; ++w) {
-    g_before += warp_greater[w];
-    e_before += warp_equal[w];
-  }
-  const unsigned lower_lanes = (1u << lane) - 1u;
-  for (int base = lo; base < hi; base += 32) {
-    const int i = base + lane;
-    const uint32_t key = i < hi ? key_at(i) : 0u;
-    const bool is_g = i < hi && key > threshold, is_e = i < hi && key == threshold;
-    const unsigned bg = __ballot_sync(0xFFFFFFFFu, is_g), be = __ballot_sync(0xFFFFFFFFu, is_e);
-    const uint32_t g = g_before + __popc(bg & lower_lanes), e = e_before + __popc(be & lower_lanes);
-    // slot = entries chosen before i: every greater one, and the first take_equal equal ones
-    if (is_g) {
-      const uint32_t slot = g + min(e, take_equal);
-      if (slot < take) out[slot] = i;
-    } else if (is_e && e < take_equal) {
-      const uint32_t slot = g + e;
-      if (slot < take) out[slot] = i;
-    }
-    g_before += __popc(bg);
-    e_before += __popc(be);
-  }
-  for (int i = static_cast<int>(take) + threadIdx.x; i < a.C; i += blockDim.x) out[i] = -1;
-  if (threadIdx.x == 0) a.counts[b * a.n_b + h * a.n_h] = static_cast<int32_t>(take);
+  const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(a.P, a.C)));
+  const csel::Cut cut = csel::cluster_cut(key_at, n_local, c, sh);
+  cluster.barrier_arrive();  // this block reads no other block's memory from here on
+  csel::emit_in_order(key_at, n_local, cut, sh, [&](uint32_t slot, int i) { out[slot] = lo + i; });
+  const int stride = G * static_cast<int>(blockDim.x);
+  for (int i = static_cast<int>(cut.take) + rank * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+       i < a.C; i += stride)
+    out[i] = -1;
+  if (rank == 0 && threadIdx.x == 0) a.counts[b * a.n_b + h * a.n_h] = static_cast<int32_t>(cut.take);
+  cluster.barrier_wait();  // the others may read this block's histograms until they arrive
 }
 
 // Largest dynamic shared memory a block may opt in to on `device` (cached per device).
@@ -142,17 +98,33 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
                positions.stride[1], counts.ptr<int32_t>(), counts.stride[0], counts.stride[1],
                static_cast<int>(H), static_cast<int>(P), static_cast<int>(C)};
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const int threads = P > 4096 ? 1024 : 256;
-  const std::size_t static_bytes = sizeof(rx::Shared) + 2 * rx::kMaxWarps * sizeof(uint32_t);
-  const std::size_t cache_bytes = static_cast<std::size_t>(P) * sizeof(uint32_t);
+  // About 1k positions per block, up to a cluster of 8 blocks per row.
+  const int G = static_cast<int>(std::min<int64_t>(csel::kMaxCluster, std::max<int64_t>(1, (P + 1023) / 1024)));
+  require(rows * G <= 0x7FFFFFFF, "select: too many rows for one launch");
+  const int chunk = static_cast<int>((P + G - 1) / G);
+  const int threads = chunk > 2048 ? 512 : 256;
+  const std::size_t cache_bytes = static_cast<std::size_t>(chunk) * sizeof(uint32_t);
   const int optin = smem_optin(scores.device_id);
-  if (cache_bytes + static_bytes + 1024 <= static_cast<std::size_t>(optin)) {
+  const bool cached = cache_bytes + sizeof(csel::Shared) + 1024 <= static_cast<std::size_t>(optin);
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(rows * G));
+  cfg.blockDim = dim3(static_cast<unsigned>(threads));
+  cfg.dynamicSmemBytes = cached ? cache_bytes : 0;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(G);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cached) {
     if (cache_bytes > 48 * 1024)
       MIXKV_CUDA_CHECK(cudaFuncSetAttribute(select_rows_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(cache_bytes)));
-    select_rows_kernel<true><<<static_cast<unsigned>(rows), threads, cache_bytes, s>>>(a);
+    MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_rows_kernel<true>, a, chunk));
   } else {
-    select_rows_kernel<false><<<static_cast<unsigned>(rows), threads, 0, s>>>(a);
+    MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_rows_kernel<false>, a, chunk));
   }
   MIXKV_CUDA_CHECK_LAUNCH();
 }

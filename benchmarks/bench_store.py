@@ -30,7 +30,8 @@ def plan() -> str:
         f"  (a) append us/layer/step at {APPEND_LENGTHS} tokens per segment vs torch.cat of the dense cache\n"
         f"  (b) attend us/layer, uniform and log-normal segments of {ATTEND_LENGTHS} tokens on average,\n"
         "      vs the bandwidth floor (measured D2D copy) and torch SDPA over a dense cache\n"
-        "  timing: CUDA graphs of 20 calls where possible, CUDA events, median of 30 reps after warm-up"
+        "  timing: CUDA graphs of 20 calls where possible, CUDA events, median of 30 reps after warm-up;\n"
+        "  mixkv_eager: the same calls without a graph (Python + launch included); kernels: torch profiler"
     )
 
 
@@ -70,6 +71,24 @@ def time_us(fn: Callable[[], object], reps: int = 30, inner: int = 20, graph: bo
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000.0 / inner)
     return statistics.median(times)
+
+
+def kernel_us(fn: Callable[[], object], calls: int = 20) -> dict[str, float]:
+    """Device microseconds per call of each kernel `fn` launches (torch profiler), by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if ev.device_time_total > 0:
+            name = ev.key.split("<")[0].split("(")[0].replace("void ", "").split("::")[-1][:40]
+            out[name] = out.get(name, 0.0) + ev.device_time_total / calls
+    return out
 
 
 def copy_bandwidth() -> float:
@@ -140,6 +159,8 @@ def bench_attend(results: dict, bandwidth: float) -> None:
             store = build_store(lengths, reserve=16)
             q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
             us = {"mixkv": time_us(lambda s=store, q=q: s.attend(q))}
+            us["mixkv_eager"] = time_us(lambda s=store, q=q: s.attend(q), graph=False, inner=50)
+            kernels = kernel_us(lambda s=store, q=q: s.attend(q))
             from mixkv import _backends
 
             for name in ("flash", "torch"):
@@ -157,10 +178,12 @@ def bench_attend(results: dict, bandwidth: float) -> None:
                 lambda q=q, dk=dk, dv=dv: torch.nn.functional.scaled_dot_product_attention(q, dk, dv, enable_gqa=True)
             )
             row = {"kind": kind, "mean_tokens": mean, "lengths": lengths, "floor_us": floor, "sdpa_dense_us": sdpa}
+            row["kernels_us"] = kernels
             row.update({f"{k}_us": v for k, v in us.items()})
             rows.append(row)
             extra = "  ".join(f"{k} {v:8.2f}" for k, v in us.items())
             print(f"attend  {kind:>7} L={mean:>6}  {extra}   floor {floor:8.2f}   sdpa(dense) {sdpa:8.2f}  (us)")
+            print("        kernels (device us/call): " + "  ".join(f"{k} {v:.2f}" for k, v in kernels.items()))
             del store, dk, dv
     results["attend"] = rows
 

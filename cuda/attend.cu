@@ -1,18 +1,27 @@
 // CUDA decode attention over the varlen store (split-K, flash-decoding style).
 //
 // Grid (split, segment, row tile). A block of 128 threads handles the tokens
-// [split * chunk, min((split + 1) * chunk, length)) of one segment for up to R query rows of
-// its GQA group (row = g * T + t), so K and V are read once for the whole group. Inside the
-// block, a lane group of LPT lanes (a power of two) owns one token at a time; each lane holds
-// VPL vectors of EPV elements of the head dimension (16-byte loads when aligned). Each lane
-// group keeps an online softmax (running max m, sum l, accumulator acc) per row in registers
-// (base-2 exponent; q, scaled by scale * log2(e), sits in shared memory); groups are merged by warp shuffles, warps
-// through shared memory. With one split the block writes the output; otherwise it writes
-// (m, l, acc) to the workspace and a combine kernel merges the splits of every query row.
+// [split * chunk, min((split + 1) * chunk, length)) of one segment for up to R query rows of its
+// GQA group (row = g * T + t), so K and V are read once for the whole group. K and V stream through
+// shared memory in tiles of `tok` tokens, kStages deep (cp.async, zero-filled past the split), so
+// that several tiles of loads are in flight while one is consumed. Inside the block, a lane group
+// of LPT lanes (a power of two) owns U tokens of every tile; each lane holds VPL vectors of EPV
+// elements of the head dimension. Each lane group keeps an online softmax (running max m, sum l,
+// accumulator acc) per row in registers, updated once per tile (base-2 exponent; q, scaled by
+// scale * log2(e), sits in shared memory); groups are merged by warp shuffles, warps through shared
+// memory. With one split the block writes the output; otherwise it writes (m, l, acc) to the
+// workspace and a combine kernel merges the splits of every query row.
+//
+// The split size is chosen on the host from the work (total tokens over all segments, when the
+// caller knows it, else segments * max_length) so that the grid is about kWaves waves of
+// kBlocksPerSM blocks per multiprocessor, never finer than attend_split_tokens (which bounds the
+// workspace).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
+#include "attend_async.cuh"
 #include "cuda_check.cuh"
 #include "device_guard.cuh"
 #include "dtype.cuh"
@@ -23,12 +32,23 @@ namespace mixkv::cuda {
 
 namespace {
 
+using cuda_detail::cp_async_16;
+using cuda_detail::cp_async_commit;
+using cuda_detail::cp_async_wait;
 using cuda_detail::from_float;
 using cuda_detail::to_float;
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxSplits = 128;  // attend_split_tokens guarantees at most this many splits
+constexpr int kStages = 3;
+constexpr int kMaxSplits = 512;  // attend_split_tokens guarantees at most this many splits
+constexpr int kCombineThreads = 256;
+constexpr int kCombineWarps = kCombineThreads / 32;
+constexpr int kCombineCols = 128;  // head-dimension columns per pass of the combine kernel
+constexpr int kBlocksPerSM = 4;    // resident split blocks per multiprocessor (shared memory bound)
+constexpr int kWaves = 2;          // target grid size, in waves of resident blocks
+constexpr int kGranule = 64;       // split sizes are multiples of this
+constexpr size_t kMaxSmem = 96 * 1024;  // dynamic shared memory limit requested for the split kernel
 constexpr float kLog2e = 1.4426950408889634f;
 
 struct Params {
@@ -40,16 +60,17 @@ struct Params {
   const int32_t* lengths;
   void* out;
   int64_t os0, os1, os2;
-  float* ws_ml;   // [rows_total, splits, 2]
   float* ws_acc;  // [rows_total, splits, D]
-  int Hq, Hkv, G, T, D, rows, chunk, splits, lpt;
+  float* ws_ml;   // [rows_total, splits, 2]
+  int Hq, Hkv, G, T, D, rows, chunk, splits, lpt, vpr, tok;
   float scale_log2;
 };
 
+// EPV consecutive elements of a shared-memory row as floats (one 16-byte load when they fill it).
 template <typename scalar_t, int EPV>
-__device__ __forceinline__ void load_row_part(const scalar_t* p, float (&out)[EPV]) {
+__device__ __forceinline__ void load_smem_part(const scalar_t* p, float (&out)[EPV]) {
   if constexpr (EPV * sizeof(scalar_t) == 16) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
     const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
 #pragma unroll
     for (int i = 0; i < EPV; ++i) out[i] = to_float(e[i]);
@@ -59,7 +80,7 @@ __device__ __forceinline__ void load_row_part(const scalar_t* p, float (&out)[EP
   }
 }
 
-// Merge (m2, l2, acc2) into (m, l, acc); an empty side has m = -inf and l = acc = 0.
+// Merge weights of two partial softmax states; an empty side has m = -inf and l = acc = 0.
 __device__ __forceinline__ void merge_weights(float m, float m2, float& w1, float& w2, float& mnew) {
   mnew = fmaxf(m, m2);
   if (mnew == -INFINITY) {
@@ -71,9 +92,19 @@ __device__ __forceinline__ void merge_weights(float m, float m2, float& w1, floa
   }
 }
 
-template <typename scalar_t, int EPV, int VPL, int R>
+// Bytes of dynamic shared memory of the split kernel: K/V stages (reused by the warp merge at the
+// end, which needs kWarps * (D + 2) floats, less than the stages hold), then the q rows.
+__host__ __device__ inline size_t split_stage_bytes(int tok, int D, int es) {
+  return (static_cast<size_t>(kStages) * 2 * tok * D * es + 15) / 16 * 16;
+}
+size_t split_smem_bytes(int tok, int D, int es, int R) {
+  return split_stage_bytes(tok, D, es) + static_cast<size_t>(R) * D * sizeof(float);
+}
+
+template <typename scalar_t, int EPV, int VPL, int R, int U>
 __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
-  extern __shared__ __align__(16) float smem[];  // q [R][D], warp accumulators [kWarps][D], m [kWarps], l [kWarps]
+  constexpr bool kVec = EPV * sizeof(scalar_t) == 16;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int split = blockIdx.x;
   const int s = blockIdx.y;
   const int tile = blockIdx.z;
@@ -82,26 +113,75 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
   const int start = split * p.chunk;
   if (split > 0 && start >= len) return;  // whole block: nothing of this segment here
   const int end = min(start + p.chunk, len);
+  const int D = p.D, tok = p.tok, vpr = p.vpr, lpt = p.lpt;
+  const int ntiles = end > start ? (end - start + tok - 1) / tok : 0;
   const int row0 = tile * R;
   const int nrows = min(R, p.rows - row0);
-  const int lpt = p.lpt;
   const int gid = threadIdx.x / lpt;
   const int glane = threadIdx.x - gid * lpt;
   const int ngroups = kThreads / lpt;
-  const int vpr = p.D / EPV;  // vectors per row
-  const scalar_t* q = static_cast<const scalar_t*>(p.q);
 
-  // The R query rows (scaled, fp32) live in shared memory: [R][D]. Rows past nrows are zeros.
-  float* q_s = smem;
+  scalar_t* kv_s = reinterpret_cast<scalar_t*>(smem_raw);
+  const size_t stage_elems = static_cast<size_t>(2) * tok * D;
+  float* q_s = reinterpret_cast<float*>(smem_raw + split_stage_bytes(tok, D, sizeof(scalar_t)));
+  float* sm_acc = reinterpret_cast<float*>(smem_raw);  // after the tile loop only
+  float* sm_m = sm_acc + kWarps * D;
+  float* sm_l = sm_m + kWarps;
+
+  const int64_t seg_base = static_cast<int64_t>(p.offsets[s]) * D;
+  const scalar_t* kseg = static_cast<const scalar_t*>(p.k) + seg_base;
+  const scalar_t* vseg = static_cast<const scalar_t*>(p.v) + seg_base;
+
+  // Tile i of this split -> stage st: K rows [0, tok), then V rows [0, tok); rows past `end` are zeros.
+  auto issue = [&](int i, int st) {
+    const int j0 = start + i * tok;
+    scalar_t* ks = kv_s + st * stage_elems;
+    scalar_t* vs = ks + static_cast<size_t>(tok) * D;
+    if constexpr (kVec) {
+      const int nvec = tok * vpr;
+      for (int c = threadIdx.x; c < nvec; c += kThreads) {
+        const int tt = c / vpr;
+        const int col = (c - tt * vpr) * EPV;
+        const bool ok = j0 + tt < end;
+        const int64_t g = ok ? static_cast<int64_t>(j0 + tt) * D + col : 0;
+        cp_async_16(ks + tt * D + col, kseg + g, ok);
+        cp_async_16(vs + tt * D + col, vseg + g, ok);
+      }
+    } else {
+      const scalar_t zero = from_float<scalar_t>(0.0f);
+      const int n = tok * D;
+      for (int c = threadIdx.x; c < n; c += kThreads) {
+        const int tt = c / D;
+        const bool ok = j0 + tt < end;
+        scalar_t kx = zero, vx = zero;
+        if (ok) {
+          const int64_t g = static_cast<int64_t>(j0 + tt) * D + (c - tt * D);
+          kx = kseg[g];
+          vx = vseg[g];
+        }
+        ks[c] = kx;
+        vs[c] = vx;
+      }
+    }
+  };
+
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < ntiles) issue(i, i);
+    cp_async_commit();
+  }
+
+  // The R query rows (scaled, fp32) in shared memory [R][D]; rows past nrows are zeros. Made
+  // visible by the first barrier of the tile loop (nothing reads them when there is no tile).
+  const scalar_t* q = static_cast<const scalar_t*>(p.q);
   int vis[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const int row = row0 + r;
-    const int t = r < nrows ? row % p.T : 0;
+    const int t = r < nrows ? (row0 + r) % p.T : 0;
     vis[r] = r < nrows ? min(max(len - p.T + t + 1, 0), len) : 0;
   }
-  for (int i = threadIdx.x; i < R * p.D; i += kThreads) {
-    const int r = i / p.D, d = i - (i / p.D) * p.D;
+  for (int i = threadIdx.x; i < R * D; i += kThreads) {
+    const int r = i / D, d = i - (i / D) * D;
     float val = 0.0f;
     if (r < nrows) {
       const int row = row0 + r;
@@ -111,7 +191,6 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
     }
     q_s[i] = val;
   }
-  __syncthreads();
 
   float m[R], l[R], acc[R][VPL][EPV];
 #pragma unroll
@@ -124,68 +203,123 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
       for (int e = 0; e < EPV; ++e) acc[r][k][e] = 0.0f;
   }
 
-  const int64_t seg_base = static_cast<int64_t>(p.offsets[s]) * p.D;
-  const scalar_t* kseg = static_cast<const scalar_t*>(p.k) + seg_base;
-  const scalar_t* vseg = static_cast<const scalar_t*>(p.v) + seg_base;
-
-  // Two tokens per lane group per iteration: all four loads are issued before any use.
-  for (int j0 = start; j0 < end; j0 += 2 * ngroups) {
-    float kf[2][VPL][EPV], vf[2][VPL][EPV];
-    int jj[2] = {j0 + gid, j0 + ngroups + gid};
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-#pragma unroll
-      for (int k = 0; k < VPL; ++k) {
-        const int vec = glane + k * lpt;
-        if (jj[u] < end && vec < vpr) {
-          load_row_part<scalar_t, EPV>(kseg + static_cast<int64_t>(jj[u]) * p.D + vec * EPV, kf[u][k]);
-          load_row_part<scalar_t, EPV>(vseg + static_cast<int64_t>(jj[u]) * p.D + vec * EPV, vf[u][k]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < EPV; ++e) kf[u][k][e] = vf[u][k][e] = 0.0f;
-        }
-      }
+  for (int it = 0; it < ntiles; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile `it` is in shared memory; every thread is done with tile it - 1
+    {
+      const int nx = it + kStages - 1;
+      if (nx < ntiles) issue(nx, nx % kStages);
+      cp_async_commit();
     }
+    const scalar_t* ks = kv_s + (it % kStages) * stage_elems;
+    const scalar_t* vs = ks + static_cast<size_t>(tok) * D;
+    const int j0 = start + it * tok;
+
+    // scores of this group's U tokens for the R rows
+    float sc[R][U];
+    {
+      float kf[U][VPL][EPV];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int j = jj[u];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float dot = 0.0f;
+      for (int u = 0; u < U; ++u) {
+        const int tt = u * ngroups + gid;
 #pragma unroll
         for (int k = 0; k < VPL; ++k) {
           const int vec = glane + k * lpt;
           if (vec < vpr) {
-            const float* qv = q_s + r * p.D + vec * EPV;
+            load_smem_part<scalar_t, EPV>(ks + tt * D + vec * EPV, kf[u][k]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < EPV; ++e) kf[u][k][e] = 0.0f;
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) sc[r][u] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < VPL; ++k) {
+          const int vec = glane + k * lpt;
+          if (vec < vpr) {
+            float qv[EPV];
+            const float* qp = q_s + r * D + vec * EPV;
             if constexpr (EPV % 4 == 0) {
 #pragma unroll
               for (int e = 0; e < EPV; e += 4) {
-                const float4 q4 = *reinterpret_cast<const float4*>(qv + e);
-                dot = fmaf(q4.x, kf[u][k][e], dot);
-                dot = fmaf(q4.y, kf[u][k][e + 1], dot);
-                dot = fmaf(q4.z, kf[u][k][e + 2], dot);
-                dot = fmaf(q4.w, kf[u][k][e + 3], dot);
+                const float4 q4 = *reinterpret_cast<const float4*>(qp + e);
+                qv[e] = q4.x;
+                qv[e + 1] = q4.y;
+                qv[e + 2] = q4.z;
+                qv[e + 3] = q4.w;
               }
             } else {
 #pragma unroll
-              for (int e = 0; e < EPV; ++e) dot = fmaf(qv[e], kf[u][k][e], dot);
+              for (int e = 0; e < EPV; ++e) qv[e] = qp[e];
             }
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+#pragma unroll
+              for (int e = 0; e < EPV; ++e) sc[r][u] = fmaf(qv[e], kf[u][k][e], sc[r][u]);
           }
         }
-        // every lane of the warp takes part (the loop trip count is block-uniform)
-        for (int o = lpt >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        if (j < end && j < vis[r]) {
-          const float mnew = fmaxf(m[r], dot);
-          const float corr = exp2f(m[r] - mnew);  // 0 when m was -inf
-          const float pj = exp2f(dot - mnew);
-          l[r] = l[r] * corr + pj;
+      }
+    }
+    // every lane of the warp takes part (the loop trip count is block-uniform)
+    for (int o = lpt >> 1; o > 0; o >>= 1) {
 #pragma unroll
-          for (int k = 0; k < VPL; ++k)
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-            for (int e = 0; e < EPV; ++e) acc[r][k][e] = fmaf(pj, vf[u][k][e], acc[r][k][e] * corr);
-          m[r] = mnew;
+        for (int u = 0; u < U; ++u) sc[r][u] += __shfl_xor_sync(0xffffffffu, sc[r][u], o);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = j0 + u * ngroups + gid;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (j >= end || j >= vis[r]) sc[r][u] = -INFINITY;
+    }
+
+    float vf[U][VPL][EPV];  // zeros past the split (zero-filled), so finite everywhere
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int tt = u * ngroups + gid;
+#pragma unroll
+      for (int k = 0; k < VPL; ++k) {
+        const int vec = glane + k * lpt;
+        if (vec < vpr) {
+          load_smem_part<scalar_t, EPV>(vs + tt * D + vec * EPV, vf[u][k]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < EPV; ++e) vf[u][k][e] = 0.0f;
         }
       }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float mt = sc[r][0];
+#pragma unroll
+      for (int u = 1; u < U; ++u) mt = fmaxf(mt, sc[r][u]);
+      const float mnew = fmaxf(m[r], mt);
+      const float msafe = mnew == -INFINITY ? 0.0f : mnew;
+      const float corr = exp2f(m[r] - msafe);  // 0 while m is -inf
+      float pu[U];
+      float psum = 0.0f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        pu[u] = exp2f(sc[r][u] - msafe);  // 0 for masked tokens
+        psum += pu[u];
+      }
+      l[r] = fmaf(l[r], corr, psum);
+#pragma unroll
+      for (int k = 0; k < VPL; ++k)
+#pragma unroll
+        for (int e = 0; e < EPV; ++e) {
+          float a = acc[r][k][e] * corr;
+#pragma unroll
+          for (int u = 0; u < U; ++u) a = fmaf(pu[u], vf[u][k][e], a);
+          acc[r][k][e] = a;
+        }
+      m[r] = mnew;
     }
   }
 
@@ -210,9 +344,7 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
   }
 
   // Merge the warps through shared memory, one row at a time, and write the result.
-  float* sm_acc = smem + R * p.D;
-  float* sm_m = sm_acc + kWarps * p.D;
-  float* sm_l = sm_m + kWarps;
+  __syncthreads();  // the stages are free again: every thread is done with the last tile
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rows_total_base = (static_cast<int64_t>(b) * p.Hq) * p.T;  // row index of (b, qh = 0, t = 0)
 #pragma unroll
@@ -224,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
         const int vec = lane + k * lpt;
         if (vec < vpr)
 #pragma unroll
-          for (int e = 0; e < EPV; ++e) sm_acc[warp * p.D + vec * EPV + e] = acc[r][k][e];
+          for (int e = 0; e < EPV; ++e) sm_acc[warp * D + vec * EPV + e] = acc[r][k][e];
       }
       if (lane == 0) {
         sm_m[warp] = m[r];
@@ -248,19 +380,19 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
     if (p.splits == 1) {
       scalar_t* out = static_cast<scalar_t*>(p.out) + b * p.os0 + qh * p.os1 + t * p.os2;
       const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
-      for (int d = threadIdx.x; d < p.D; d += kThreads) {
+      for (int d = threadIdx.x; d < D; d += kThreads) {
         float a = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) a = fmaf(sm_acc[w * p.D + d], wt[w], a);
+        for (int w = 0; w < kWarps; ++w) a = fmaf(sm_acc[w * D + d], wt[w], a);
         out[d] = from_float<scalar_t>(a * inv);
       }
     } else {
       const int64_t slot = (rows_total_base + static_cast<int64_t>(qh) * p.T + t) * p.splits + split;
-      for (int d = threadIdx.x; d < p.D; d += kThreads) {
+      for (int d = threadIdx.x; d < D; d += kThreads) {
         float a = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) a = fmaf(sm_acc[w * p.D + d], wt[w], a);
-        p.ws_acc[slot * p.D + d] = a;
+        for (int w = 0; w < kWarps; ++w) a = fmaf(sm_acc[w * D + d], wt[w], a);
+        p.ws_acc[slot * D + d] = a;
       }
       if (threadIdx.x == 0) {
         p.ws_ml[slot * 2] = mm;
@@ -271,11 +403,30 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
   }
 }
 
+// Block-wide reduction over kCombineThreads threads (max when `take_max`, else sum); `red` holds
+// kCombineWarps floats. Every thread gets the result.
+__device__ __forceinline__ float block_reduce(float x, bool take_max, float* red) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = take_max ? fmaxf(x, y) : x + y;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // `red` may still be read by an earlier reduction
+  if (lane == 0) red[warp] = x;
+  __syncthreads();
+  x = red[0];
+#pragma unroll
+  for (int w = 1; w < kCombineWarps; ++w) x = take_max ? fmaxf(x, red[w]) : x + red[w];
+  return x;
+}
+
 // One block per query row (b, qh, t): merges the partials of the splits that cover its segment.
+// Warps take the splits in turn, lanes the columns; the warps' sums meet in shared memory.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) attend_combine_kernel(Params p) {
+__global__ void __launch_bounds__(kCombineThreads) attend_combine_kernel(Params p) {
   __shared__ float w[kMaxSplits];
-  __shared__ float lw[kMaxSplits];
+  __shared__ float red[kCombineWarps];
+  __shared__ float part[kCombineWarps][kCombineCols];
   const int64_t row = blockIdx.x;  // ((b * Hq + qh) * T + t)
   const int t = static_cast<int>(row % p.T);
   const int64_t bq = row / p.T;
@@ -285,26 +436,45 @@ __global__ void __launch_bounds__(kThreads) attend_combine_kernel(Params p) {
   const int len = max(p.lengths[s], 0);
   const int nsplit = min(p.splits, (len + p.chunk - 1) / p.chunk);
   const float* ml = p.ws_ml + row * p.splits * 2;
-  if (threadIdx.x < nsplit) w[threadIdx.x] = ml[threadIdx.x * 2];
-  __syncthreads();
-  float mm = -INFINITY;
-  for (int i = 0; i < nsplit; ++i) mm = fmaxf(mm, w[i]);
-  __syncthreads();
-  if (threadIdx.x < nsplit) {
-    const float wi = mm == -INFINITY ? 0.0f : exp2f(ml[threadIdx.x * 2] - mm);
-    w[threadIdx.x] = wi;
-    lw[threadIdx.x] = ml[threadIdx.x * 2 + 1] * wi;
+  float mx = -INFINITY;
+  for (int i = threadIdx.x; i < nsplit; i += kCombineThreads) mx = fmaxf(mx, ml[i * 2]);
+  mx = block_reduce(mx, true, red);
+  float ls = 0.0f;
+  for (int i = threadIdx.x; i < nsplit; i += kCombineThreads) {
+    const float wi = mx == -INFINITY ? 0.0f : exp2f(ml[i * 2] - mx);
+    w[i] = wi;
+    ls = fmaf(ml[i * 2 + 1], wi, ls);
   }
-  __syncthreads();
-  float lsum = 0.0f;
-  for (int i = 0; i < nsplit; ++i) lsum += lw[i];
-  const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+  ls = block_reduce(ls, false, red);  // its barriers also publish w
+  const float inv = ls > 0.0f ? 1.0f / ls : 0.0f;
   const float* acc = p.ws_acc + row * p.splits * p.D;
   scalar_t* out = static_cast<scalar_t*>(p.out) + b * p.os0 + qh * p.os1 + t * p.os2;
-  for (int d = threadIdx.x; d < p.D; d += kThreads) {
-    float a = 0.0f;
-    for (int i = 0; i < nsplit; ++i) a = fmaf(acc[static_cast<int64_t>(i) * p.D + d], w[i], a);
-    out[d] = from_float<scalar_t>(a * inv);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int kPer = kCombineCols / 32;
+  for (int d0 = 0; d0 < p.D; d0 += kCombineCols) {
+    float a[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) a[k] = 0.0f;
+#pragma unroll 4
+    for (int i = warp; i < nsplit; i += kCombineWarps) {
+      const float wi = w[i];
+      const float* src = acc + static_cast<int64_t>(i) * p.D + d0;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int d = lane + 32 * k;
+        if (d0 + d < p.D) a[k] = fmaf(src[d], wi, a[k]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) part[warp][lane + 32 * k] = a[k];
+    __syncthreads();
+    for (int d = threadIdx.x; d < kCombineCols && d0 + d < p.D; d += kCombineThreads) {
+      float x = 0.0f;
+#pragma unroll
+      for (int wv = 0; wv < kCombineWarps; ++wv) x += part[wv][d];
+      out[d0 + d] = from_float<scalar_t>(x * inv);
+    }
+    __syncthreads();  // part is reused by the next pass
   }
 }
 
@@ -314,32 +484,56 @@ int next_pow2(int x) {
   return v;
 }
 
-template <typename scalar_t, int EPV, int VPL, int R>
-void launch_split(const Params& p, dim3 grid, size_t smem, cudaStream_t st) {
-  attend_split_kernel<scalar_t, EPV, VPL, R><<<grid, kThreads, smem, st>>>(p);
+int sm_count(int device) {
+  static std::atomic<int> cache[64];
+  if (device >= 0 && device < 64) {
+    const int c = cache[device].load(std::memory_order_relaxed);
+    if (c > 0) return c;
+  }
+  int n = 0;
+  MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  n = std::max(n, 1);
+  if (device >= 0 && device < 64) cache[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+template <typename scalar_t, int EPV, int VPL, int R, int U>
+void launch_split(int device, const Params& p, dim3 grid, size_t smem, cudaStream_t st) {
+  auto kernel = attend_split_kernel<scalar_t, EPV, VPL, R, U>;
+  if (smem > 48 * 1024) {
+    // once per device (the attribute is per function and device context)
+    static std::atomic<unsigned long long> raised{0};
+    const unsigned long long bit = device >= 0 && device < 64 ? 1ull << device : 0;
+    if (bit == 0 || !(raised.load(std::memory_order_relaxed) & bit)) {
+      MIXKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kMaxSmem)));
+      raised.fetch_or(bit, std::memory_order_relaxed);
+    }
+  }
+  kernel<<<grid, kThreads, smem, st>>>(p);
   MIXKV_CUDA_CHECK_LAUNCH();
 }
 
 template <typename scalar_t, int EPV, int R>
-void launch_vpl(int vpl, const Params& p, dim3 grid, size_t smem, cudaStream_t st) {
+void launch_vpl(int device, int vpl, const Params& p, dim3 grid, size_t smem, cudaStream_t st) {
   if constexpr (EPV == 1) {
-    launch_split<scalar_t, 1, 8, R>(p, grid, smem, st);
+    launch_split<scalar_t, 1, 8, R, 2>(device, p, grid, smem, st);
     (void)vpl;
   } else {
     switch (vpl) {
-      case 1: launch_split<scalar_t, EPV, 1, R>(p, grid, smem, st); break;
-      case 2: launch_split<scalar_t, EPV, 2, R>(p, grid, smem, st); break;
-      default: launch_split<scalar_t, EPV, 4, R>(p, grid, smem, st); break;
+      case 1: launch_split<scalar_t, EPV, 1, R, 4>(device, p, grid, smem, st); break;
+      case 2: launch_split<scalar_t, EPV, 2, R, 2>(device, p, grid, smem, st); break;
+      default: launch_split<scalar_t, EPV, 4, R, 1>(device, p, grid, smem, st); break;
     }
   }
 }
 
 template <typename scalar_t, int EPV>
-void launch_rows(int vpl, int rtile, const Params& p, dim3 grid, size_t smem, cudaStream_t st) {
-  if (rtile == 4) {
-    launch_vpl<scalar_t, EPV, 4>(vpl, p, grid, smem, st);
-  } else {
-    launch_vpl<scalar_t, EPV, 8>(vpl, p, grid, smem, st);
+void launch_rows(int device, int vpl, int rtile, const Params& p, dim3 grid, size_t smem, cudaStream_t st) {
+  switch (rtile) {
+    case 2: launch_vpl<scalar_t, EPV, 2>(device, vpl, p, grid, smem, st); break;
+    case 4: launch_vpl<scalar_t, EPV, 4>(device, vpl, p, grid, smem, st); break;
+    default: launch_vpl<scalar_t, EPV, 8>(device, vpl, p, grid, smem, st); break;
   }
 }
 
@@ -347,7 +541,7 @@ void launch_rows(int vpl, int rtile, const Params& p, dim3 grid, size_t smem, cu
 
 void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Tensor& offsets,
             const Tensor& lengths, int64_t max_length, float scale, const Tensor& out,
-            const Tensor& workspace, std::uintptr_t stream) {
+            const Tensor& workspace, std::uintptr_t stream, int64_t total_length) {
   const int64_t B = q.shape[0], Hq = q.shape[1], T = q.shape[2], D = q.shape[3];
   const int64_t S = offsets.shape[0], Hkv = S / B, G = Hq / Hkv;
   if (B * Hq * T == 0 || D == 0) return;
@@ -362,18 +556,32 @@ void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Ten
   const int vpr = static_cast<int>(D / epv);
   const int lpt = std::min(32, next_pow2(vpr));
   int vpl = (vpr + lpt - 1) / lpt;
+  int units = 2;  // tokens per lane group per tile
   if (vec) {
     require(vpl <= 4, "attend: head_dim ", D, " is too large for the CUDA kernel (at most ", 4 * 32 * epv, ")");
     vpl = vpl <= 1 ? 1 : (vpl <= 2 ? 2 : 4);
+    units = 4 / vpl;
   } else {
     require(vpl <= 8, "attend: head_dim ", D, " must be a multiple of ", 16 / es,
             " or at most 256 for the CUDA kernel");
   }
-  const int64_t chunk = attend_split_tokens(max_length);
-  const int64_t splits = max_length <= 0 ? 1 : (max_length + chunk - 1) / chunk;
-  require(splits <= kMaxSplits, "attend: internal split count exceeds its bound");
   const int64_t rows = G * T;
-  const int rtile = rows <= 4 ? 4 : 8;
+  const int rtile = rows <= 2 ? 2 : (rows <= 4 ? 4 : 8);
+  const int64_t row_tiles = (rows + rtile - 1) / rtile;
+  const int tok = (kThreads / lpt) * units;
+
+  // Split size: about kWaves waves of resident blocks for the whole work, never finer than the
+  // workspace allows.
+  int64_t chunk = attend_split_tokens(B * Hq * T, max_length);
+  if (max_length > 0) {
+    const int64_t bound = S * max_length;
+    const int64_t total = total_length >= 0 ? std::min(total_length, bound) : bound;
+    const int64_t target = static_cast<int64_t>(sm_count(q.device_id)) * kBlocksPerSM * kWaves;
+    const int64_t want = (total * row_tiles + target - 1) / target;
+    chunk = std::max(chunk, (want + kGranule - 1) / kGranule * kGranule);
+  }
+  const int64_t splits = max_length <= 0 ? 1 : (max_length + chunk - 1) / chunk;
+  require(splits <= kMaxSplits && chunk <= 2147483647LL, "attend: internal split count exceeds its bound");
 
   Params p{};
   p.q = q.data;
@@ -397,25 +605,26 @@ void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Ten
   p.chunk = static_cast<int>(chunk);
   p.splits = static_cast<int>(splits);
   p.lpt = lpt;
+  p.vpr = vpr;
+  p.tok = tok;
   p.scale_log2 = (scale == 0.0f ? 1.0f / std::sqrt(static_cast<float>(D)) : scale) * kLog2e;
   if (splits > 1) {
     float* ws = static_cast<float*>(workspace.data);
-    p.ws_ml = ws;
-    p.ws_acc = ws + B * Hq * T * splits * 2;
+    p.ws_acc = ws;
+    p.ws_ml = ws + B * Hq * T * splits * D;
   }
-  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(S),
-                  static_cast<unsigned>((rows + rtile - 1) / rtile));
-  const size_t smem = (static_cast<size_t>(rtile + kWarps) * D + 2 * kWarps) * sizeof(float);
-  require(smem <= 48 * 1024, "attend: head_dim ", D, " needs too much shared memory");
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(S), static_cast<unsigned>(row_tiles));
+  const size_t smem = split_smem_bytes(tok, static_cast<int>(D), es, rtile);
+  require(smem <= kMaxSmem, "attend: head_dim ", D, " needs too much shared memory");
   auto st = reinterpret_cast<cudaStream_t>(stream);
   MIXKV_DISPATCH_FLOAT(q.dtype, "attend", [&] {
     if (vec) {
-      launch_rows<scalar_t, 16 / sizeof(scalar_t)>(vpl, rtile, p, grid, smem, st);
+      launch_rows<scalar_t, 16 / sizeof(scalar_t)>(q.device_id, vpl, rtile, p, grid, smem, st);
     } else {
-      launch_rows<scalar_t, 1>(vpl, rtile, p, grid, smem, st);
+      launch_rows<scalar_t, 1>(q.device_id, vpl, rtile, p, grid, smem, st);
     }
     if (splits > 1) {
-      attend_combine_kernel<scalar_t><<<static_cast<unsigned>(B * Hq * T), kThreads, 0, st>>>(p);
+      attend_combine_kernel<scalar_t><<<static_cast<unsigned>(B * Hq * T), kCombineThreads, 0, st>>>(p);
       MIXKV_CUDA_CHECK_LAUNCH();
     }
   });

@@ -176,11 +176,11 @@ NB_MODULE(_core, m) {
   m.def(
       "attend",
       [](Array q, Array k_buf, Array v_buf, Array offsets, Array lengths, int64_t max_length, float scale,
-         OutArray out, OptOutArray workspace, std::uintptr_t stream) {
+         OutArray out, OptOutArray workspace, std::uintptr_t stream, int64_t total_length) {
         mixkv::attend(view(q), view(k_buf), view(v_buf), view(offsets), view(lengths), max_length, scale,
-                      view(out), view(workspace), stream);
+                      view(out), view(workspace), stream, total_length);
       },
       nb::arg("q"), nb::arg("k_buf"), nb::arg("v_buf"), nb::arg("offsets"), nb::arg("lengths"),
       nb::arg("max_length"), nb::arg("scale"), nb::arg("out").noconvert(), nb::arg("workspace").none().noconvert(),
-      nb::arg("stream"));
+      nb::arg("stream"), nb::arg("total_length") = -1);
 }

@@ -14,12 +14,13 @@ namespace mixkv {
 
 namespace {
 
-constexpr int64_t kMaxSplits = 128;
+constexpr int64_t kMaxSplits = 512;       // the CUDA combine kernel merges at most this many splits
+constexpr int64_t kMaxPartials = 16384;   // bound of rows * splits: the workspace stays a few MB
 constexpr int64_t kSplitGranule = 64;
 
-int64_t num_splits(int64_t max_length) {
+int64_t num_splits(int64_t rows, int64_t max_length) {
   if (max_length <= 0) return 1;
-  const int64_t chunk = attend_split_tokens(max_length);
+  const int64_t chunk = attend_split_tokens(rows, max_length);
   return (max_length + chunk - 1) / chunk;
 }
 
@@ -32,22 +33,23 @@ void check_index_vector(const Tensor& t, const char* name, int64_t n) {
 
 }  // namespace
 
-int64_t attend_split_tokens(int64_t max_length) {
-  const int64_t want = (std::max<int64_t>(max_length, 1) + kMaxSplits - 1) / kMaxSplits;
+int64_t attend_split_tokens(int64_t rows, int64_t max_length) {
+  const int64_t cap = std::clamp<int64_t>(kMaxPartials / std::max<int64_t>(rows, 1), 1, kMaxSplits);
+  const int64_t want = (std::max<int64_t>(max_length, 1) + cap - 1) / cap;
   return std::max<int64_t>(kSplitGranule, (want + kSplitGranule - 1) / kSplitGranule * kSplitGranule);
 }
 
 std::size_t attend_workspace_bytes(int64_t B, int64_t Hq, int64_t T, int64_t D, int64_t max_length) {
   require(B >= 0 && Hq >= 0 && T >= 0 && D >= 0 && max_length >= 0,
           "attend_workspace_bytes: sizes must be non-negative");
-  const int64_t splits = num_splits(max_length);
+  const int64_t splits = num_splits(B * Hq * T, max_length);
   if (splits <= 1) return 0;
   return static_cast<std::size_t>(B * Hq * T * splits * (D + 2)) * sizeof(float);
 }
 
 void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Tensor& offsets,
             const Tensor& lengths, int64_t max_length, float scale, const Tensor& out,
-            const Tensor& workspace, std::uintptr_t stream) {
+            const Tensor& workspace, std::uintptr_t stream, int64_t total_length) {
   check_tensor(q, "q", 4);
   check_float(q, "q");
   check_last_dim_contiguous(q, "q");
@@ -91,9 +93,10 @@ void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Ten
   }
   if (q.is_cuda()) {
 #ifdef MIXKV_WITH_CUDA
-    cuda::attend(q, k_buf, v_buf, offsets, lengths, max_length, scale, out, workspace, stream);
+    cuda::attend(q, k_buf, v_buf, offsets, lengths, max_length, scale, out, workspace, stream, total_length);
 #else
     (void)stream;
+    (void)total_length;
     no_cuda("attend");
 #endif
     return;

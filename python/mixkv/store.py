@@ -28,6 +28,18 @@ from mixkv._runtime import stream_handle, workspace
 DEFAULT_RESERVE: int = 128
 INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
 
+# The current stream as an integer without building a Stream object (a few microseconds per call);
+# the public route of mixkv._runtime where this torch build lacks the raw accessor.
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _current_stream(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    if _RAW_STREAM is not None:
+        return int(_RAW_STREAM(device.index if device.index is not None else torch.cuda.current_device()))
+    return stream_handle(device)
+
 
 def _offsets_of(capacities: np.ndarray) -> np.ndarray:
     offsets = np.zeros_like(capacities)
@@ -71,6 +83,16 @@ class VarlenKVStore:
         self._offsets = torch.as_tensor(self._host_offsets.astype(np.int32)).to(k_buf.device)
         self._batch = batch_size
         self._hkv = num_kv_heads
+        self._device = k_buf.device
+        self._dtype = k_buf.dtype
+        self._dim = int(k_buf.shape[1])
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute the host scalars the decode hot path reads (after any change of the mirrors)."""
+        self._max_len = int(self._host_lengths.max(initial=0))
+        self._total = int(self._host_lengths.sum())
+        self._room = int((self._host_caps - self._host_lengths).min()) if self._host_caps.size else 0
 
     # ---- construction ---------------------------------------------------------------------------
 
@@ -157,6 +179,32 @@ class VarlenKVStore:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append T tokens ``[B, Hkv, T, D]`` to every segment (in place; grows when needed)."""
+        # Fast path of the checks below (same acceptance): plain tensors of the store's shape,
+        # dtype and device with a contiguous last dimension.
+        if (
+            type(k) is torch.Tensor
+            and type(v) is torch.Tensor
+            and k.dim() == 4
+            and k.shape == v.shape
+            and k.dtype is self._dtype
+            and v.dtype is self._dtype
+            and k.shape[0] == self._batch
+            and k.shape[1] == self._hkv
+            and k.shape[3] == self._dim
+            and k.shape[2] >= 1
+            and (self._dim == 1 or (k.stride(3) == 1 and v.stride(3) == 1))
+            and k.device == self._device
+            and v.device == self._device
+        ):
+            t = k.shape[2]
+            if t > self._room:
+                self._grow(t)
+            _core.store_append(k, v, self._offsets, self._lengths, self._k, self._v, _current_stream(self._device))
+            self._host_lengths += t
+            self._max_len += t
+            self._total += t * self._host_lengths.size
+            self._room -= t
+            return
         kt, vt = _check_kv("k", k, "v", v)
         b, hkv, t, d = kt.shape
         if (b, hkv, d) != (self._batch, self._hkv, self.head_dim) or t < 1:
@@ -167,10 +215,11 @@ class VarlenKVStore:
             raise TypeError(f"k must have the store's dtype {self.dtype}, got {kt.dtype}")
         if kt.device != self.device:
             raise ValueError(f"k is on {kt.device} but the store is on {self.device}")
-        if bool(np.any(self._host_lengths + t > self._host_caps)):
+        if t > self._room:
             self._grow(t)
-        _core.store_append(kt, vt, self._offsets, self._lengths, self._k, self._v, stream_handle(self.device))
+        _core.store_append(kt, vt, self._offsets, self._lengths, self._k, self._v, _current_stream(self._device))
         self._host_lengths += t
+        self._refresh()
 
     def _grow(self, extra: int) -> None:
         caps = np.maximum(2 * self._host_caps, self._host_lengths + extra)
@@ -202,6 +251,7 @@ class VarlenKVStore:
         )
         self._k, self._v, self._lengths, self._offsets = k_buf, v_buf, lengths, dst_offsets
         self._host_offsets, self._host_caps, self._host_lengths = offsets, caps.astype(np.int64), host_lengths
+        self._refresh()
 
     def attend(self, q: torch.Tensor, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
         """Attention of q ``[B, Hq, T, D]`` (the queries of the last T appended tokens) -> ``[B, Hq, T, D]``.
@@ -210,6 +260,22 @@ class VarlenKVStore:
         1/sqrt(D). backend: ``"auto"``/``"mixkv"`` (own kernel), ``"flash"`` (flash-attn) or
         ``"torch"`` (torch's varlen_attn); the latter two need CUDA and float16/bfloat16.
         """
+        # Fast path of the checks below (same acceptance) for the own kernel, always available.
+        if (
+            (backend == "auto" or backend == "mixkv")
+            and type(q) is torch.Tensor
+            and q.dim() == 4
+            and q.dtype is self._dtype
+            and q.shape[0] == self._batch
+            and q.shape[3] == self._dim
+            and q.shape[1] >= 1
+            and q.shape[1] % self._hkv == 0
+            and q.shape[2] >= 1
+            and (self._dim == 1 or q.stride(3) == 1)
+            and q.device == self._device
+            and (scale is None or (type(scale) is float and scale != 0.0))
+        ):
+            return self._attend_own(q, 0.0 if scale is None else scale)
         qt = check_last_dim_contiguous("q", check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES))
         b, hq, t, d = qt.shape
         if b != self._batch or d != self.head_dim or hq < 1 or hq % self._hkv != 0 or t < 1:
@@ -240,11 +306,25 @@ class VarlenKVStore:
                 int(self._host_caps.max()),
                 sc if sc != 0.0 else d**-0.5,
             )
-        max_length = self.max_length
-        out = torch.empty((b, hq, t, d), dtype=qt.dtype, device=qt.device)
-        ws = workspace(_core.attend_workspace_bytes(b, hq, t, d, max_length), self.device)
+        return self._attend_own(qt, sc)
+
+    def _attend_own(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """The own kernel on checked queries; scale 0 means 1/sqrt(D)."""
+        b, hq, t, d = q.shape
+        out = torch.empty((b, hq, t, d), dtype=self._dtype, device=self._device)
+        ws = workspace(_core.attend_workspace_bytes(b, hq, t, d, self._max_len), self._device)
         _core.attend(
-            qt, self._k, self._v, self._offsets, self._lengths, max_length, sc, out, ws, stream_handle(self.device)
+            q,
+            self._k,
+            self._v,
+            self._offsets,
+            self._lengths,
+            self._max_len,
+            scale,
+            out,
+            ws,
+            _current_stream(self._device),
+            self._total,
         )
         return out
 
@@ -275,6 +355,7 @@ class VarlenKVStore:
             raise ValueError(f"batch_index must lie in [0, {self._batch}), got {b}")
         self._lengths[b * self._hkv : (b + 1) * self._hkv] = 0
         self._host_lengths[b * self._hkv : (b + 1) * self._hkv] = 0
+        self._refresh()
 
     def segment(self, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views ``[length, D]`` of the K and V tokens of sequence b, kv head h (for inspection)."""
@@ -310,7 +391,7 @@ class VarlenKVStore:
 
     @property
     def max_length(self) -> int:
-        return int(self._host_lengths.max(initial=0))
+        return self._max_len
 
     @property
     def nbytes(self) -> int:

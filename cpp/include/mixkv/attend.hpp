@@ -19,14 +19,21 @@ namespace mixkv {
 // scale: 0 means 1/sqrt(D).
 // max_length: host-side upper bound of every lengths[s]; it sizes the split grid of the CUDA
 // kernel (tokens beyond it would not be attended there). The CPU entry point checks the bound.
+// total_length: optional host-side sum of lengths[s] over all segments (-1: unknown, taken as
+// S * max_length); a hint only, used by the CUDA kernel to size its splits to the total work, so
+// that uneven segments still fill the device. Any value gives the same result.
 // workspace: uint8 [>= attend_workspace_bytes(...)] on q's device; may be absent when that is 0.
 std::size_t attend_workspace_bytes(int64_t B, int64_t Hq, int64_t T, int64_t D, int64_t max_length);
-// Tokens of one segment handled by one block of the CUDA kernel (the split size); the number of
-// splits is ceil(max_length / attend_split_tokens(max_length)).
-int64_t attend_split_tokens(int64_t max_length);
+// Smallest number of tokens of one segment handled by one block of the CUDA kernel (the split
+// size) for `rows` = B * Hq * T query rows: a multiple of 64 such that rows * splits partial results
+// fit a bounded workspace (at most 512 splits, and about 16384 partial rows in all). The workspace
+// holds rows * ceil(max_length / attend_split_tokens(rows, max_length)) partials of D + 2 floats
+// when that split count exceeds 1. The kernel may use larger splits (fewer of them) when the total
+// work is small compared with the device.
+int64_t attend_split_tokens(int64_t rows, int64_t max_length);
 void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Tensor& offsets,
             const Tensor& lengths, int64_t max_length, float scale, const Tensor& out,
-            const Tensor& workspace, std::uintptr_t stream);
+            const Tensor& workspace, std::uintptr_t stream, int64_t total_length = -1);
 
 namespace cpu {
 void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Tensor& offsets,
@@ -37,7 +44,7 @@ void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Ten
 namespace cuda {
 void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Tensor& offsets,
             const Tensor& lengths, int64_t max_length, float scale, const Tensor& out,
-            const Tensor& workspace, std::uintptr_t stream);
+            const Tensor& workspace, std::uintptr_t stream, int64_t total_length);
 }  // namespace cuda
 #endif
 

@@ -86,7 +86,7 @@ def kernel_us(fn: Callable[[], object], calls: int = 20) -> dict[str, float]:
     out: dict[str, float] = {}
     for ev in prof.key_averages():
         if ev.device_time_total > 0:
-            name = ev.key.split("<")[0].split("(")[0].replace("void ", "").split("::")[-1][:40]
+            name = "combine" if "combine" in ev.key else ("split" if "split" in ev.key else ev.key[:40])
             out[name] = out.get(name, 0.0) + ev.device_time_total / calls
     return out
 

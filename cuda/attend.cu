@@ -20,6 +20,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 
 #include "attend_async.cuh"
 #include "cuda_check.cuh"
@@ -69,7 +71,16 @@ struct Params {
 // EPV consecutive elements of a shared-memory row as floats (one 16-byte load when they fill it).
 template <typename scalar_t, int EPV>
 __device__ __forceinline__ void load_smem_part(const scalar_t* p, float (&out)[EPV]) {
-  if constexpr (EPV * sizeof(scalar_t) == 16) {
+  if constexpr (EPV * sizeof(scalar_t) == 16 && std::is_same_v<scalar_t, __nv_bfloat16>) {
+    // bf16 -> fp32 is a placement of the 16 bits in the high half: one integer op per element
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else if constexpr (EPV * sizeof(scalar_t) == 16) {
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
     const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
 #pragma unroll
@@ -101,8 +112,13 @@ size_t split_smem_bytes(int tok, int D, int es, int R) {
   return split_stage_bytes(tok, D, es) + static_cast<size_t>(R) * D * sizeof(float);
 }
 
+// Query values per lane (R rows x VPL vectors x EPV elements); up to 32 they stay in registers for
+// the whole tile loop and the kernel is held to kBlocksPerSM resident blocks' worth of registers.
+constexpr bool q_in_registers(int epv, int vpl, int r) { return r * vpl * epv <= 32; }
+
 template <typename scalar_t, int EPV, int VPL, int R, int U>
-__global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, q_in_registers(EPV, VPL, R) ? kBlocksPerSM : 1)
+    attend_split_kernel(Params p) {
   constexpr bool kVec = EPV * sizeof(scalar_t) == 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int split = blockIdx.x;
@@ -132,20 +148,35 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
   const scalar_t* kseg = static_cast<const scalar_t*>(p.k) + seg_base;
   const scalar_t* vseg = static_cast<const scalar_t*>(p.v) + seg_base;
 
+  // Copy slot c = threadIdx.x + n * kThreads of a tile is (token c / vpr, vector c % vpr); the
+  // indices advance by additions only.
+  const int c_tt0 = threadIdx.x / vpr;
+  const int c_cv0 = threadIdx.x - c_tt0 * vpr;
+  const int c_dtt = kThreads / vpr;
+  const int c_dcv = kThreads - c_dtt * vpr;
+
   // Tile i of this split -> stage st: K rows [0, tok), then V rows [0, tok); rows past `end` are zeros.
   auto issue = [&](int i, int st) {
     const int j0 = start + i * tok;
     scalar_t* ks = kv_s + st * stage_elems;
     scalar_t* vs = ks + static_cast<size_t>(tok) * D;
     if constexpr (kVec) {
-      const int nvec = tok * vpr;
-      for (int c = threadIdx.x; c < nvec; c += kThreads) {
-        const int tt = c / vpr;
-        const int col = (c - tt * vpr) * EPV;
-        const bool ok = j0 + tt < end;
-        const int64_t g = ok ? static_cast<int64_t>(j0 + tt) * D + col : 0;
-        cp_async_16(ks + tt * D + col, kseg + g, ok);
-        cp_async_16(vs + tt * D + col, vseg + g, ok);
+      const int rem = end - j0;  // tokens of this tile that exist
+      const scalar_t* kt = kseg + static_cast<int64_t>(j0) * D;
+      const scalar_t* vt = vseg + static_cast<int64_t>(j0) * D;
+      int tt = c_tt0, cv = c_cv0;
+#pragma unroll 4
+      for (; tt < tok; ) {
+        const int off = tt * D + cv * EPV;
+        const bool ok = tt < rem;
+        cp_async_16(ks + off, ok ? kt + off : kseg, ok);
+        cp_async_16(vs + off, ok ? vt + off : vseg, ok);
+        tt += c_dtt;
+        cv += c_dcv;
+        if (cv >= vpr) {
+          cv -= vpr;
+          ++tt;
+        }
       }
     } else {
       const scalar_t zero = from_float<scalar_t>(0.0f);
@@ -192,6 +223,33 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
     q_s[i] = val;
   }
 
+  // Tokens from `mask_from` on need masking (past the split, or not visible to some row).
+  int mask_from = end;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    if (r < nrows) mask_from = min(mask_from, vis[r]);
+
+  // This lane's vectors of the head dimension; lanes past the row (vec >= vpr, only when vpr is
+  // not a power of two) read the last vector again and see a zero query, so they add nothing.
+  int voff[VPL];
+#pragma unroll
+  for (int k = 0; k < VPL; ++k) voff[k] = min(glane + k * lpt, vpr - 1) * EPV;
+
+  // With few enough query values per lane, they live in registers for the whole loop.
+  constexpr bool kQReg = q_in_registers(EPV, VPL, R);
+  float qreg[kQReg ? R : 1][VPL][EPV];
+  if constexpr (kQReg) {
+    __syncthreads();  // q_s is written
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int k = 0; k < VPL; ++k) {
+        const bool on = glane + k * lpt < vpr;
+#pragma unroll
+        for (int e = 0; e < EPV; ++e) qreg[r][k][e] = on ? q_s[r * D + voff[k] + e] : 0.0f;
+      }
+  }
+
   float m[R], l[R], acc[R][VPL][EPV];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -223,15 +281,7 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
       for (int u = 0; u < U; ++u) {
         const int tt = u * ngroups + gid;
 #pragma unroll
-        for (int k = 0; k < VPL; ++k) {
-          const int vec = glane + k * lpt;
-          if (vec < vpr) {
-            load_smem_part<scalar_t, EPV>(ks + tt * D + vec * EPV, kf[u][k]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < EPV; ++e) kf[u][k][e] = 0.0f;
-          }
-        }
+        for (int k = 0; k < VPL; ++k) load_smem_part<scalar_t, EPV>(ks + tt * D + voff[k], kf[u][k]);
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -239,44 +289,52 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
         for (int u = 0; u < U; ++u) sc[r][u] = 0.0f;
 #pragma unroll
         for (int k = 0; k < VPL; ++k) {
-          const int vec = glane + k * lpt;
-          if (vec < vpr) {
-            float qv[EPV];
-            const float* qp = q_s + r * D + vec * EPV;
+          float qv[EPV];
+          if constexpr (kQReg) {
+#pragma unroll
+            for (int e = 0; e < EPV; ++e) qv[e] = qreg[r][k][e];
+          } else {
+            const bool on = glane + k * lpt < vpr;
+            const float* qp = q_s + r * D + voff[k];
             if constexpr (EPV % 4 == 0) {
 #pragma unroll
               for (int e = 0; e < EPV; e += 4) {
                 const float4 q4 = *reinterpret_cast<const float4*>(qp + e);
-                qv[e] = q4.x;
-                qv[e + 1] = q4.y;
-                qv[e + 2] = q4.z;
-                qv[e + 3] = q4.w;
+                qv[e] = on ? q4.x : 0.0f;
+                qv[e + 1] = on ? q4.y : 0.0f;
+                qv[e + 2] = on ? q4.z : 0.0f;
+                qv[e + 3] = on ? q4.w : 0.0f;
               }
             } else {
 #pragma unroll
-              for (int e = 0; e < EPV; ++e) qv[e] = qp[e];
+              for (int e = 0; e < EPV; ++e) qv[e] = on ? qp[e] : 0.0f;
             }
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-#pragma unroll
-              for (int e = 0; e < EPV; ++e) sc[r][u] = fmaf(qv[e], kf[u][k][e], sc[r][u]);
           }
+#pragma unroll
+          for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int e = 0; e < EPV; ++e) sc[r][u] = fmaf(qv[e], kf[u][k][e], sc[r][u]);
         }
       }
     }
-    // every lane of the warp takes part (the loop trip count is block-uniform)
-    for (int o = lpt >> 1; o > 0; o >>= 1) {
+    // every lane of the warp takes part (the trip count is block-uniform)
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+    for (int o = 16; o > 0; o >>= 1) {
+      if (o < lpt) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) sc[r][u] += __shfl_xor_sync(0xffffffffu, sc[r][u], o);
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int u = 0; u < U; ++u) sc[r][u] += __shfl_xor_sync(0xffffffffu, sc[r][u], o);
+      }
     }
+    if (j0 + tok > mask_from) {  // block-uniform: only the last tiles of a split or of the causal window
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int j = j0 + u * ngroups + gid;
+      for (int u = 0; u < U; ++u) {
+        const int j = j0 + u * ngroups + gid;
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (j >= end || j >= vis[r]) sc[r][u] = -INFINITY;
+        for (int r = 0; r < R; ++r)
+          if (j >= end || j >= vis[r]) sc[r][u] = -INFINITY;
+      }
     }
 
     float vf[U][VPL][EPV];  // zeros past the split (zero-filled), so finite everywhere
@@ -284,15 +342,7 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
     for (int u = 0; u < U; ++u) {
       const int tt = u * ngroups + gid;
 #pragma unroll
-      for (int k = 0; k < VPL; ++k) {
-        const int vec = glane + k * lpt;
-        if (vec < vpr) {
-          load_smem_part<scalar_t, EPV>(vs + tt * D + vec * EPV, vf[u][k]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < EPV; ++e) vf[u][k][e] = 0.0f;
-        }
-      }
+      for (int k = 0; k < VPL; ++k) load_smem_part<scalar_t, EPV>(vs + tt * D + voff[k], vf[u][k]);
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -301,7 +351,15 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
       for (int u = 1; u < U; ++u) mt = fmaxf(mt, sc[r][u]);
       const float mnew = fmaxf(m[r], mt);
       const float msafe = mnew == -INFINITY ? 0.0f : mnew;
-      const float corr = exp2f(m[r] - msafe);  // 0 while m is -inf
+      if (mnew > m[r]) {  // otherwise the correction factor is exactly 1
+        const float corr = exp2f(m[r] - msafe);  // 0 while m is -inf
+        l[r] *= corr;
+#pragma unroll
+        for (int k = 0; k < VPL; ++k)
+#pragma unroll
+          for (int e = 0; e < EPV; ++e) acc[r][k][e] *= corr;
+        m[r] = mnew;
+      }
       float pu[U];
       float psum = 0.0f;
 #pragma unroll
@@ -309,20 +367,18 @@ __global__ void __launch_bounds__(kThreads) attend_split_kernel(Params p) {
         pu[u] = exp2f(sc[r][u] - msafe);  // 0 for masked tokens
         psum += pu[u];
       }
-      l[r] = fmaf(l[r], corr, psum);
+      l[r] += psum;
 #pragma unroll
       for (int k = 0; k < VPL; ++k)
 #pragma unroll
         for (int e = 0; e < EPV; ++e) {
-          float a = acc[r][k][e] * corr;
+          float a = acc[r][k][e];
 #pragma unroll
           for (int u = 0; u < U; ++u) a = fmaf(pu[u], vf[u][k][e], a);
           acc[r][k][e] = a;
         }
-      m[r] = mnew;
     }
   }
-
   // Merge the lane groups of each warp: lanes with equal glane hold the same slice of D.
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -497,6 +553,21 @@ int sm_count(int device) {
   return n;
 }
 
+// Grid target of the split policy in blocks per multiprocessor (kWaves * kBlocksPerSM). A tuning
+// knob for benchmarks only: MIXKV_ATTEND_BLOCKS_PER_SM=<n> (1..64) overrides it; read once per
+// process. Any value gives the same result.
+int64_t target_blocks_per_sm() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("MIXKV_ATTEND_BLOCKS_PER_SM");
+    if (env != nullptr) {
+      const long v = std::strtol(env, nullptr, 10);
+      if (v >= 1 && v <= 64) return static_cast<int64_t>(v);
+    }
+    return static_cast<int64_t>(kWaves) * kBlocksPerSM;
+  }();
+  return value;
+}
+
 template <typename scalar_t, int EPV, int VPL, int R, int U>
 void launch_split(int device, const Params& p, dim3 grid, size_t smem, cudaStream_t st) {
   auto kernel = attend_split_kernel<scalar_t, EPV, VPL, R, U>;
@@ -576,7 +647,7 @@ void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Ten
   if (max_length > 0) {
     const int64_t bound = S * max_length;
     const int64_t total = total_length >= 0 ? std::min(total_length, bound) : bound;
-    const int64_t target = static_cast<int64_t>(sm_count(q.device_id)) * kBlocksPerSM * kWaves;
+    const int64_t target = static_cast<int64_t>(sm_count(q.device_id)) * target_blocks_per_sm();
     const int64_t want = (total * row_tiles + target - 1) / target;
     chunk = std::max(chunk, (want + kGranule - 1) / kGranule * kGranule);
   }

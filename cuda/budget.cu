@@ -125,7 +125,7 @@ template <bool kCached>
 __global__ void __launch_bounds__(512) adakv_top_kernel(BudgetArgs a, AdaWork w) {
   extern __shared__ uint32_t cached_keys[];
   __shared__ csel::Shared sh;
-  cg::cluster_group cluster = cg::this_cluster();
+  csel::Cluster cluster = csel::this_cluster();
   const int G = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
   const int row = static_cast<int>(blockIdx.x) / G;
   const int b = row / a.H, h = row % a.H;
@@ -353,7 +353,7 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
                                           align256(4 * static_cast<std::size_t>(cells)));
   w.stride = static_cast<int>(std::min<int64_t>(a.base * H, P));
   // about 1k scores per block, up to a cluster of 8 blocks per (b, h) row
-  const int G = static_cast<int>(std::min<int64_t>(csel::kMaxCluster, std::max<int64_t>(1, (P + 1023) / 1024)));
+  const int G = csel::cluster_blocks(P, importance.device_id);
   require(cells * G <= 0x7FFFFFFF, "capacities: too many rows for one launch");
   const int chunk = static_cast<int>((P + G - 1) / G);
   const std::size_t cache_bytes = static_cast<std::size_t>(chunk) * sizeof(uint32_t);
@@ -370,7 +370,7 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = G > 1 ? 1 : 0;  // no cluster attribute where clusters do not exist
   if (cached) {
     if (cache_bytes > 48 * 1024)
       MIXKV_CUDA_CHECK(cudaFuncSetAttribute(adakv_top_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "cuda_check.cuh"
 #include "radix_select.cuh"
 
 namespace mixkv::cuda_detail::csel {
@@ -29,6 +30,34 @@ constexpr int kBins = 256;  // 8-bit digits, four passes
 constexpr int kMaxWarps = 32;
 constexpr int kMaxCluster = 8;  // portable cluster size
 constexpr uint32_t kNone = 0xFFFFFFFFu;
+
+// Thread-block clusters exist from sm_90 on. Device passes for older targets compile the same
+// kernels against a one-block stand-in, and the host launches one-block "clusters" on such devices
+// (cluster_blocks), so every architecture of the build runs the same algorithm.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+struct Cluster {
+  __device__ unsigned num_blocks() const { return 1; }
+  __device__ unsigned block_rank() const { return 0; }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ void barrier_arrive() const {}
+  __device__ void barrier_wait() const { __syncthreads(); }
+  template <typename T>
+  __device__ T* map_shared_rank(T* p, int) const { return p; }
+};
+__device__ inline Cluster this_cluster() { return {}; }
+#else
+using Cluster = cg::cluster_group;
+__device__ inline Cluster this_cluster() { return cg::this_cluster(); }
+#endif
+
+// Blocks per row-cluster: about 1k keys per block, up to kMaxCluster; 1 before sm_90.
+inline int cluster_blocks(int64_t keys, int device) {
+  int major = 0;
+  MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 9) return 1;
+  const int64_t want = (keys + 1023) / 1024;
+  return static_cast<int>(want < 1 ? 1 : (want > kMaxCluster ? kMaxCluster : want));
+}
 
 struct Shared {
   uint32_t hist[2][kBins];  // this block's histogram, double-buffered across passes
@@ -106,7 +135,7 @@ __device__ __forceinline__ uint32_t warp_find_digit(const uint32_t* tot, const u
 // arrives after this call and waits before exiting).
 template <typename KeyAt>
 __device__ Cut cluster_cut(KeyAt key_at, int n_local, uint32_t c, Shared& sh) {
-  cg::cluster_group cluster = cg::this_cluster();
+  Cluster cluster = this_cluster();
   const unsigned G = cluster.num_blocks(), rank = cluster.block_rank();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   uint32_t prefix = 0, mask = 0, rem = 0;

@@ -39,7 +39,7 @@ template <bool kCached>
 __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chunk) {
   extern __shared__ uint32_t cached_keys[];
   __shared__ csel::Shared sh;
-  cg::cluster_group cluster = cg::this_cluster();
+  csel::Cluster cluster = csel::this_cluster();
   const int G = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
   const int row = static_cast<int>(blockIdx.x) / G;
   const int b = row / a.H, h = row % a.H;
@@ -99,7 +99,7 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
                static_cast<int>(H), static_cast<int>(P), static_cast<int>(C)};
   auto s = reinterpret_cast<cudaStream_t>(stream);
   // About 1k positions per block, up to a cluster of 8 blocks per row.
-  const int G = static_cast<int>(std::min<int64_t>(csel::kMaxCluster, std::max<int64_t>(1, (P + 1023) / 1024)));
+  const int G = csel::cluster_blocks(P, scores.device_id);
   require(rows * G <= 0x7FFFFFFF, "select: too many rows for one launch");
   const int chunk = static_cast<int>((P + G - 1) / G);
   const int threads = chunk > 2048 ? 512 : 256;
@@ -117,7 +117,7 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = G > 1 ? 1 : 0;  // no cluster attribute where clusters do not exist
   if (cached) {
     if (cache_bytes > 48 * 1024)
       MIXKV_CUDA_CHECK(cudaFuncSetAttribute(select_rows_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,

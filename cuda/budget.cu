@@ -105,19 +105,6 @@ struct AdaWork {
   int stride;          // min(H * base, P)
 };
 
-// Largest dynamic shared memory a block may opt in to on `device` (cached per device).
-int smem_optin(int device) {
-  static std::atomic<int> cache[64] = {};
-  if (device >= 0 && device < 64) {
-    const int v = cache[device].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (device >= 0 && device < 64) cache[device].store(v, std::memory_order_relaxed);
-  return v;
-}
-
 __host__ __device__ inline std::size_t align256(std::size_t x) { return (x + 255) / 256 * 256; }
 
 // One cluster per (b, h) row: the row's top m scores and the sum of all its valid scores.
@@ -352,33 +339,13 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   w.candidates = reinterpret_cast<float*>(ws + align256(8 * static_cast<std::size_t>(cells)) +
                                           align256(4 * static_cast<std::size_t>(cells)));
   w.stride = static_cast<int>(std::min<int64_t>(a.base * H, P));
-  // about 1k scores per block, up to a cluster of 8 blocks per (b, h) row
-  const int G = csel::cluster_blocks(P, importance.device_id);
-  require(cells * G <= 0x7FFFFFFF, "capacities: too many rows for one launch");
-  const int chunk = static_cast<int>((P + G - 1) / G);
-  const std::size_t cache_bytes = static_cast<std::size_t>(chunk) * sizeof(uint32_t);
-  const int optin = smem_optin(importance.device_id);
-  const bool cached = cache_bytes + sizeof(csel::Shared) + 1024 <= static_cast<std::size_t>(optin);
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(cells * G));
-  cfg.blockDim = dim3(chunk > 2048 ? 512u : 256u);
-  cfg.dynamicSmemBytes = cached ? cache_bytes : 0;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(G);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = G > 1 ? 1 : 0;  // no cluster attribute where clusters do not exist
-  if (cached) {
-    if (cache_bytes > 48 * 1024)
-      MIXKV_CUDA_CHECK(cudaFuncSetAttribute(adakv_top_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(cache_bytes)));
-    MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, adakv_top_kernel<true>, a, w));
+  const csel::RowClusters plan = csel::plan_row_clusters(cells, P, importance.device_id, "capacities");
+  if (plan.cached) {
+    csel::launch_row_clusters(plan, s, adakv_top_kernel<true>, a, w);
   } else {
-    MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, adakv_top_kernel<false>, a, w));
+    csel::launch_row_clusters(plan, s, adakv_top_kernel<false>, a, w);
   }
+  const int optin = csel::smem_optin(importance.device_id);
   // one block per sequence; candidate values cached in shared memory when they fit
   const AllocLayout with_vals(static_cast<int>(H), w.stride, true), without_vals(static_cast<int>(H), w.stride, false);
   const bool alloc_cached = with_vals.bytes <= std::min<std::size_t>(96 * 1024, static_cast<std::size_t>(optin));

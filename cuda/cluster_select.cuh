@@ -14,9 +14,12 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
 
 #include "cuda_check.cuh"
+#include "mixkv/error.hpp"
 #include "radix_select.cuh"
 
 namespace mixkv::cuda_detail::csel {
@@ -327,6 +330,63 @@ __device__ void segmented_cut(int S, int n, KeyAt key_at, const uint32_t* want, 
     mask |= 0xFFu << shift;
     __syncthreads();
   }
+}
+
+// Largest dynamic shared memory a block may opt in to on `device` (cached per device).
+inline int smem_optin(int device) {
+  static std::atomic<int> cache[64] = {};
+  if (device >= 0 && device < 64) {
+    const int v = cache[device].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int v = 0;
+  MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (device >= 0 && device < 64) cache[device].store(v, std::memory_order_relaxed);
+  return v;
+}
+
+// Launch shape of a cluster-per-row kernel: G blocks per row (about 1k keys each, cluster_blocks),
+// `chunk` keys per block, the block's keys cached in dynamic shared memory when they fit.
+struct RowClusters {
+  int64_t rows = 0;
+  int G = 1;
+  int chunk = 0;
+  unsigned threads = 256;
+  std::size_t cache_bytes = 0;
+  bool cached = false;
+};
+
+inline RowClusters plan_row_clusters(int64_t rows, int64_t keys, int device, const char* op) {
+  RowClusters p;
+  p.rows = rows;
+  p.G = cluster_blocks(keys, device);
+  require(rows * p.G <= 0x7FFFFFFF, op, ": too many rows for one launch");
+  p.chunk = static_cast<int>((keys + p.G - 1) / p.G);
+  p.threads = p.chunk > 2048 ? 512u : 256u;
+  p.cache_bytes = static_cast<std::size_t>(p.chunk) * sizeof(uint32_t);
+  p.cached = p.cache_bytes + sizeof(Shared) + 1024 <= static_cast<std::size_t>(smem_optin(device));
+  return p;
+}
+
+// Launches `kernel` (its cached or uncached variant, as p.cached says) over p.rows clusters.
+template <typename... KernelArgs, typename... Args>
+void launch_row_clusters(const RowClusters& p, cudaStream_t stream, void (*kernel)(KernelArgs...), Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.rows * p.G));
+  cfg.blockDim = dim3(p.threads);
+  cfg.dynamicSmemBytes = p.cached ? p.cache_bytes : 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(p.G);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.G > 1 ? 1 : 0;  // no cluster attribute where clusters do not exist
+  if (p.cached && p.cache_bytes > 48 * 1024)
+    MIXKV_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.cache_bytes)));
+  MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
 }
 
 }  // namespace mixkv::cuda_detail::csel

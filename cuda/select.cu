@@ -67,19 +67,6 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
   cluster.barrier_wait();  // the others may read this block's histograms until they arrive
 }
 
-// Largest dynamic shared memory a block may opt in to on `device` (cached per device).
-int smem_optin(int device) {
-  static std::atomic<int> cache[64] = {};
-  if (device >= 0 && device < 64) {
-    const int v = cache[device].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (device >= 0 && device < 64) cache[device].store(v, std::memory_order_relaxed);
-  return v;
-}
-
 }  // namespace
 
 namespace cuda {
@@ -98,33 +85,11 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
                positions.stride[1], counts.ptr<int32_t>(), counts.stride[0], counts.stride[1],
                static_cast<int>(H), static_cast<int>(P), static_cast<int>(C)};
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  // About 1k positions per block, up to a cluster of 8 blocks per row.
-  const int G = csel::cluster_blocks(P, scores.device_id);
-  require(rows * G <= 0x7FFFFFFF, "select: too many rows for one launch");
-  const int chunk = static_cast<int>((P + G - 1) / G);
-  const int threads = chunk > 2048 ? 512 : 256;
-  const std::size_t cache_bytes = static_cast<std::size_t>(chunk) * sizeof(uint32_t);
-  const int optin = smem_optin(scores.device_id);
-  const bool cached = cache_bytes + sizeof(csel::Shared) + 1024 <= static_cast<std::size_t>(optin);
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(rows * G));
-  cfg.blockDim = dim3(static_cast<unsigned>(threads));
-  cfg.dynamicSmemBytes = cached ? cache_bytes : 0;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(G);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = G > 1 ? 1 : 0;  // no cluster attribute where clusters do not exist
-  if (cached) {
-    if (cache_bytes > 48 * 1024)
-      MIXKV_CUDA_CHECK(cudaFuncSetAttribute(select_rows_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(cache_bytes)));
-    MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_rows_kernel<true>, a, chunk));
+  const csel::RowClusters plan = csel::plan_row_clusters(rows, P, scores.device_id, "select");
+  if (plan.cached) {
+    csel::launch_row_clusters(plan, s, select_rows_kernel<true>, a, plan.chunk);
   } else {
-    MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select_rows_kernel<false>, a, chunk));
+    csel::launch_row_clusters(plan, s, select_rows_kernel<false>, a, plan.chunk);
   }
   MIXKV_CUDA_CHECK_LAUNCH();
 }

@@ -548,6 +548,27 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass1_mma_kernel(Params<T> 
   }
 }
 
+// Raw importance of one key tile: per column, the window-row sums of each query head's strips
+// (stripcol [G * strips_per_head][kTile]) averaged over the W window rows, then reduced over the
+// G heads of the group (mean or max). Called by every thread of the block.
+template <typename T>
+__device__ void store_raw_importance(const Params<T>& p, const float* stripcol, int strips_per_head, int j0, int s0,
+                                     int64_t col0) {
+  for (int c = threadIdx.x; c < kTile; c += blockDim.x) {
+    const int j = j0 + c;
+    if (j < s0 || j >= p.P) continue;
+    float red = p.gqa == static_cast<int>(GqaReduce::max) ? -INFINITY : 0.0f;
+    for (int g = 0; g < p.G; ++g) {
+      float a = 0.0f;
+      for (int u = 0; u < strips_per_head; ++u) a += stripcol[(g * strips_per_head + u) * kTile + c];
+      a /= static_cast<float>(p.W);
+      red = p.gqa == static_cast<int>(GqaReduce::max) ? fmaxf(red, a) : red + a;
+    }
+    if (p.gqa != static_cast<int>(GqaReduce::max)) red /= static_cast<float>(p.G);
+    p.raw_a[col0 + j] = red;
+  }
+}
+
 template <typename T, int DK>
 __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass2_mma_kernel(Params<T> p) {
   constexpr int LDK = mma_ldk<DK, T>();
@@ -666,20 +687,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 1) pass2_mma_kernel(Params<T> 
       *reinterpret_cast<float2*>(stripcol + warp * kTile + nt * 8 + 2 * t4) = make_float2(w2[0], w2[1]);
     }
     __syncthreads();
-    // Mean over the window rows, then the group reduction.
-    for (int c = tid; c < kTile; c += nthreads) {
-      const int j = j0 + c;
-      if (j < s0 || j >= p.P) continue;
-      float red = p.gqa == static_cast<int>(GqaReduce::max) ? -INFINITY : 0.0f;
-      for (int g = 0; g < p.G; ++g) {
-        float a = 0.0f;
-        for (int u = 0; u < strips_per_head; ++u) a += stripcol[(g * strips_per_head + u) * kTile + c];
-        a /= static_cast<float>(p.W);
-        red = p.gqa == static_cast<int>(GqaReduce::max) ? fmaxf(red, a) : red + a;
-      }
-      if (p.gqa != static_cast<int>(GqaReduce::max)) red /= static_cast<float>(p.G);
-      p.raw_a[col0 + j] = red;
-    }
+    store_raw_importance(p, stripcol, strips_per_head, j0, s0, col0);
   }
 }
 
@@ -772,20 +780,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) pass2_kernel(Params<T> p) {
       __syncwarp();
     }
     __syncthreads();
-    // Mean over the window rows, then the group reduction.
-    for (int c = threadIdx.x; c < kTile; c += blockDim.x) {
-      const int j = j0 + c;
-      if (j < s0 || j >= p.P) continue;
-      float red = p.gqa == static_cast<int>(GqaReduce::max) ? -INFINITY : 0.0f;
-      for (int g = 0; g < p.G; ++g) {
-        float a = 0.0f;
-        for (int u = 0; u < strips_per_head; ++u) a += stripcol[(g * strips_per_head + u) * kTile + c];
-        a /= static_cast<float>(p.W);
-        red = p.gqa == static_cast<int>(GqaReduce::max) ? fmaxf(red, a) : red + a;
-      }
-      if (p.gqa != static_cast<int>(GqaReduce::max)) red /= static_cast<float>(p.G);
-      p.raw_a[col0 + j] = red;
-    }
+    store_raw_importance(p, stripcol, strips_per_head, j0, s0, col0);
   }
 }
 

@@ -18,6 +18,7 @@ from mixkv.bench.models import MODELS, ModelSpec, attention_dims, build_model, l
 from mixkv.bench.prompts import build_inputs, choose_image
 from mixkv.bench.report import write_results
 from mixkv.bench.runner import run_all
+from mixkv.bench.summary import median_rows, mix_overhead
 from mixkv.bench.throughput import largest_batch
 from models import IMAGE_TOKEN, internvl_config, llava_next_config, qwen2_vl_config
 
@@ -289,3 +290,66 @@ def test_compress_rows(device: str) -> None:
         assert ("error" in row) != ("mixkv_ms" in row)
         if "mixkv_ms" in row:
             assert row["speedup_vs_loop"] > 0
+
+
+def test_repeated_runs_are_interleaved_and_summarised(tmp_path: Path) -> None:
+    if not hasattr(mixkv, "MixKVCache"):
+        pytest.skip("mixkv.MixKVCache is not in this build yet")
+    torch.manual_seed(0)
+    settings = _settings(tmp_path, ["snapkv", "snapkv+mixkv"], ["e2e"])
+    settings.repeats = 2
+    results = run_all(settings, torch.device("cpu"), lambda r: None, configs={"tiny-qwen2-vl": tiny_qwen()})
+    order = [(r["repeat"], r["method"]) for r in results["e2e"]]
+    assert order == [(0, "snapkv"), (0, "snapkv+mixkv"), (1, "snapkv"), (1, "snapkv+mixkv")]
+    medians = {r["method"]: r for r in results["e2e_median"]}
+    assert set(medians) == {"snapkv", "snapkv+mixkv"} and all(r["runs"] == 2 for r in medians.values())
+    (cost,) = results["mix_overhead"]
+    assert cost["policy"] == "snapkv" and cost["rounds"] == 2
+
+
+def _row(method: str, repeat: int, total: float, prefill: float, **extra: object) -> dict:
+    policy, _, mix = method.partition("+")
+    return {
+        "model": "m",
+        "length": 100,
+        "method": method,
+        "policy": None if policy == "full" else policy,
+        "mix": bool(mix),
+        "batch": 1,
+        "repeat": repeat,
+        "total_s": total,
+        "prefill_s": prefill,
+        "decode_ms_per_token": 10.0 * total,
+        "peak_bytes": 1000 + repeat,
+        "cache_bytes": 64,
+    } | extra
+
+
+def test_median_rows_and_mix_overhead_pair_rounds() -> None:
+    rows = [
+        _row("full", 0, 9.0, 1.0),
+        _row("adakv", 0, 10.0, 1.0),
+        _row("adakv+mixkv", 0, 10.5, 1.25),
+        _row("full", 1, 9.5, 1.0),
+        _row("adakv", 1, 20.0, 1.0),  # a slow round: both methods of it are slow
+        _row("adakv+mixkv", 1, 20.2, 1.5),
+        _row("full", 2, 30.0, 1.0, error="OutOfMemoryError"),
+        _row("adakv", 2, 12.0, 1.0),
+        _row("adakv+mixkv", 2, 11.4, 1.0),
+    ]
+    medians = {r["method"]: r for r in median_rows(rows)}
+    assert medians["full"]["runs"] == 2 and medians["full"]["total_s"] == pytest.approx(9.25)
+    assert medians["adakv"]["total_s"] == 12.0 and medians["adakv"]["runs"] == 3
+    assert medians["adakv"]["total_s_min"] == 10.0 and medians["adakv"]["total_s_max"] == 20.0
+    assert medians["adakv"]["peak_bytes"] == 1001 and isinstance(medians["adakv"]["peak_bytes"], int)
+    assert "repeat" not in medians["adakv"]
+    (cost,) = mix_overhead(rows)
+    # per-round ratios 1.05, 1.01, 0.95 -> median 1.01; prefill deltas 0.25, 0.5, 0.0 -> 0.25
+    assert cost["rounds"] == 3 and cost["policy"] == "adakv"
+    assert cost["total_ratio"] == pytest.approx(1.01)
+    assert cost["total_ratio_min"] == pytest.approx(0.95) and cost["total_ratio_max"] == pytest.approx(1.05)
+    assert cost["prefill_delta_s"] == pytest.approx(0.25)
+    assert cost["within_tolerance"] is True
+    assert mix_overhead(rows, tolerance=0.005)[0]["within_tolerance"] is False
+    # a MixKV run without its base policy's run has nothing to be compared with
+    assert mix_overhead([_row("snapkv+mixkv", 0, 1.0, 0.1)]) == []

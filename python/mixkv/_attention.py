@@ -175,18 +175,34 @@ def _set_text_attention(model: Any, spec: TextModelSpec, name: str) -> None:
         model.set_attn_implementation({spec.sub_config_key: name})
 
 
+# The last mask read by valid_lengths_from_mask and its answer: every decoder layer of one forward
+# receives the same mask object, so the padding is read from the device once per forward.
+_last_mask: tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor | None] | None = None
+
+
 def valid_lengths_from_mask(attention_mask: object, batch: int, length: int) -> torch.Tensor | None:
     """Non-padding token counts int32 [B] of a left-padded prefill, read from the mask the model built.
 
     Accepts the masks of every delegate: None (no padding), 4-D boolean (sdpa: True = attend),
     4-D additive float (eager: 0 = attend) and 2-D padding masks (flash attention). Returns None
-    when no sequence is padded. Refuses anything that is not left padding.
+    when no sequence is padded. Refuses anything that is not left padding. One device
+    synchronisation per mask object (the answer is kept for the next layers of the same forward).
     """
+    global _last_mask
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
         kind = type(attention_mask).__name__
         raise ValueError(f"MixKVCache cannot read padding from an attention mask of type {kind}")
+    memo = _last_mask
+    if memo is not None and memo[0]() is attention_mask and memo[1:3] == (batch, length):
+        return memo[3]
+    counts = _read_valid_lengths(attention_mask, batch, length)
+    _last_mask = (weakref.ref(attention_mask), batch, length, counts)
+    return counts
+
+
+def _read_valid_lengths(attention_mask: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
     if attention_mask.dim() == 4:
         row = attention_mask[:, 0, -1, :length]  # the last query sees exactly the valid keys
     elif attention_mask.dim() == 2:
@@ -208,10 +224,13 @@ def valid_lengths_from_mask(attention_mask: object, batch: int, length: int) -> 
     counts = valid.sum(dim=-1)
     positions = torch.arange(length, device=valid.device)
     expected = positions[None, :] >= (length - counts)[:, None]
-    if not bool(torch.equal(valid, expected)):
+    left_padded = (valid == expected).all()
+    host = torch.cat([left_padded.view(1).to(counts.dtype), counts]).cpu()  # the one synchronisation
+    if not bool(host[0]):
         raise ValueError("MixKVCache needs left padding (padding first, then the prompt); use padding_side='left'")
-    if int(counts.min()) < 1:
+    host_counts = host[1:]
+    if int(host_counts.min()) < 1:
         raise ValueError("every sequence of the batch needs at least one non-padding token")
-    if int(counts.min()) == length:
+    if int(host_counts.min()) == length:
         return None
     return counts.to(torch.int32)

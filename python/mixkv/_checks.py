@@ -73,8 +73,14 @@ def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
     return value
 
 
-def check_valid_lengths(valid_lengths: object, batch: int, n: int, device: torch.device) -> torch.Tensor | None:
-    """Per-sequence valid (non-padding, left-padded) token counts: int [B], each in [1, N]."""
+def check_valid_lengths(
+    valid_lengths: object, batch: int, n: int, device: torch.device, *, read_values: bool = True
+) -> torch.Tensor | None:
+    """Per-sequence valid (non-padding, left-padded) token counts: int [B], each in [1, N].
+
+    ``read_values=False`` skips the range check, the one part that reads the values (a device
+    synchronisation on CUDA); callers that built the counts themselves use it.
+    """
     if valid_lengths is None:
         return None
     t = check_tensor("valid_lengths", valid_lengths, ndim=1, dtypes=(torch.int32, torch.int64))
@@ -82,6 +88,6 @@ def check_valid_lengths(valid_lengths: object, batch: int, n: int, device: torch
         raise ValueError(f"valid_lengths must have shape [{batch}] (one per sequence), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"valid_lengths is on {t.device} but the inputs are on {device}")
-    if t.numel() and (int(t.min()) < 1 or int(t.max()) > n):
+    if read_values and t.numel() and (int(t.min()) < 1 or int(t.max()) > n):
         raise ValueError(f"valid_lengths must lie in [1, {n}], got {t.tolist()}")
     return t.to(torch.int32).contiguous()

@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from mixkv import _attention
 from mixkv._checks import check_choice, check_int
 from mixkv.adapters import TextModelSpec, text_model_spec
-from mixkv.ops import GQA_REDUCTIONS, METHODS, POLICIES, POOLINGS, capacities, compute_scores, select
+from mixkv.ops import GQA_REDUCTIONS, METHODS, POLICIES, POOLINGS, capacities_into, compute_scores, select_into
 from mixkv.store import VarlenKVStore
 from mixkv.tables import TableSource, load_redundancy_table, load_sparsemm_table
 
@@ -280,19 +280,27 @@ class MixKVLayer(CacheLayerMixin):
             options = s.policy_options()
             if s.policy == "sparsemm":
                 options["head_scores"] = options["head_scores"].to(keys.device)
-            caps = capacities(
+            # The scores, capacities and selection come from this layer's own tensors: no value
+            # checks (each would synchronise the device); the store reads the counts once.
+            caps = torch.empty((batch, num_kv_heads), dtype=torch.int32, device=keys.device)
+            capacities_into(
                 s.policy,
                 importance,
                 budget=s.budget,
                 window=window,
                 layer_idx=self.layer_idx,
                 num_layers=s.num_layers,
+                out=caps,
                 valid_lengths=valid,
+                validate=False,
                 **options,
             )
-            positions, counts = select(scores, caps)
+            columns = length - window  # every capacity lies in [0, N - W]
+            positions = torch.empty((batch, num_kv_heads, columns), dtype=torch.int32, device=keys.device)
+            counts = torch.empty((batch, num_kv_heads), dtype=torch.int32, device=keys.device)
+            select_into(scores, caps, positions, counts, validate=False)
         self.store = VarlenKVStore.from_selection(
-            keys, values, positions, counts, window, reserve=s.reserve, valid_lengths=valid
+            keys, values, positions, counts, window, reserve=s.reserve, valid_lengths=valid, validate=False
         )
         if s.record:
             self.record = PrefillRecord(

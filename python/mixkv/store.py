@@ -106,6 +106,8 @@ class VarlenKVStore:
         window: int,
         reserve: int | None = None,
         valid_lengths: torch.Tensor | None = None,
+        *,
+        validate: bool = True,
     ) -> VarlenKVStore:
         """Gather, per (b, h), the ``counts[b, h]`` selected prefix positions and the window tokens.
 
@@ -113,7 +115,10 @@ class VarlenKVStore:
         past ``counts`` are ignored); counts int ``[B, Hkv]``; window: the last ``window`` valid
         tokens are always kept; reserve: headroom tokens per segment for appends (default 128);
         valid_lengths int ``[B]``: valid tokens of a left-padded sequence b are N - n_b .. N - 1.
-        Reads ``counts`` on the host (one synchronisation).
+        Reads ``counts`` and ``valid_lengths`` on the host (one synchronisation). ``validate=False``
+        skips the checks that read positions and the valid_lengths range (each another
+        synchronisation), for callers whose positions come from :func:`mixkv.ops.select` over
+        the same valid lengths; the counts range is still checked (on the host copy).
         """
         k, v = _check_kv("keys", keys, "values", values)
         b, hkv, n, d = k.shape
@@ -128,15 +133,21 @@ class VarlenKVStore:
         device = check_same_device(keys=k, positions=pos, counts=cnt)
         window = check_int("window", window, minimum=0)
         reserve = DEFAULT_RESERVE if reserve is None else check_int("reserve", reserve, minimum=0)
-        valid = check_valid_lengths(valid_lengths, b, n, device)
+        valid = check_valid_lengths(valid_lengths, b, n, device, read_values=validate)
 
         cap_c = pos.shape[2]
-        host_counts = cnt.detach().cpu().to(torch.int64).numpy()
+        # counts and valid lengths reach the host in one transfer
+        packed = cnt.reshape(-1).to(torch.int64)
+        if valid is not None:
+            packed = torch.cat([packed, valid.to(torch.int64)])
+        host = packed.cpu().numpy()
+        host_counts = host[: b * hkv].reshape(b, hkv)
+        host_valid = host[b * hkv :] if valid is not None else np.full(b, n, dtype=np.int64)
         if host_counts.min(initial=0) < 0 or host_counts.max(initial=0) > cap_c:
             raise ValueError(f"counts must lie in [0, {cap_c}] (the last dimension of positions)")
-        nb = valid.to(torch.int64) if valid is not None else torch.full((b,), n, dtype=torch.int64, device=device)
-        wstart = torch.maximum(n - torch.full_like(nb, window), n - nb)  # [B]
-        if cap_c > 0:
+        if validate and cap_c > 0:
+            nb = valid.to(torch.int64) if valid is not None else torch.full((b,), n, dtype=torch.int64, device=device)
+            wstart = torch.maximum(n - torch.full_like(nb, window), n - nb)  # [B]
             p = pos.to(torch.int64)
             used = torch.arange(cap_c, device=device) < cnt.to(torch.int64).unsqueeze(-1)
             inside = (p >= (n - nb).view(b, 1, 1)) & (p < wstart.view(b, 1, 1))
@@ -149,7 +160,7 @@ class VarlenKVStore:
                 rising = (p[..., 1:] > p[..., :-1]) | ~used[..., 1:]
                 if not bool(rising.all()):
                     raise ValueError("positions must be strictly ascending within counts for every (b, h)")
-        host_window = np.minimum((n - wstart).cpu().numpy(), n).astype(np.int64)  # [B]
+        host_window = np.minimum(np.minimum(host_valid, window), n).astype(np.int64)  # [B]: n - wstart
         host_lengths = (host_counts + host_window[:, None]).reshape(-1)
         caps = host_lengths + reserve
         offsets = _offsets_of(caps)

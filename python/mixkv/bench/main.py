@@ -27,6 +27,7 @@ QUICK: dict[str, Any] = {
     "lengths": [2000],
     "methods": ["full", "snapkv", "adakv+mixkv"],
     "new_tokens": 16,
+    "repeats": 1,
     "throughput_length": 2000,
     "throughput_new_tokens": 8,
     "throughput_cap_s": 30.0,
@@ -40,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "lengths": [32000, 2000, 8000],
     "methods": [m.name for m in ALL_METHODS],
     "new_tokens": 512,
+    "repeats": 1,
     "throughput_length": 32000,
     "throughput_new_tokens": 32,
     "throughput_cap_s": 240.0,
@@ -59,6 +61,7 @@ class Settings:
     methods: list[Method]
     parts: list[str]
     new_tokens: int
+    repeats: int
     budget: int
     throughput_length: int
     throughput_methods: list[Method]
@@ -86,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--methods", nargs="+", help="full, <policy>, <policy>+mixkv (default: all nine)")
     add("--parts", nargs="+", choices=ALL_PARTS, default=list(ALL_PARTS), help="benchmark parts to run")
     add("--new-tokens", type=int, help="tokens generated per run, no early stop (default: 512)")
+    add(
+        "--repeats",
+        type=int,
+        help="rounds of end-to-end runs, interleaved (every method once per round; medians reported; default 1)",
+    )
     add("--budget", type=int, default=64, help="cache budget per head, window included (default: 64)")
     add("--throughput-length", type=int, help="prompt length of the batch search (default: 32000)")
     add(
@@ -118,7 +126,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         return base[name] if value is None else value
 
-    for name in ("new_tokens", "budget", "throughput_new_tokens", "throughput_max_batch", "compress_reps"):
+    for name in ("new_tokens", "repeats", "budget", "throughput_new_tokens", "throughput_max_batch", "compress_reps"):
         value = pick(name)
         if value <= 0:
             raise ValueError(f"--{name.replace('_', '-')}: must be positive (got {value})")
@@ -128,6 +136,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         methods=[parse_method(m) for m in pick("methods")],
         parts=list(dict.fromkeys(args.parts)),
         new_tokens=pick("new_tokens"),
+        repeats=pick("repeats"),
         budget=args.budget,
         throughput_length=pick("throughput_length"),
         throughput_methods=[parse_method(m) for m in args.throughput_methods],
@@ -167,9 +176,11 @@ def plan_lines(settings: Settings) -> list[str]:
             f"mixkv vs per-head loop (median ms per layer)"
         )
     if "e2e" in settings.parts:
-        runs = len(settings.models) * len(settings.lengths) * len(settings.methods)
+        runs = len(settings.models) * len(settings.lengths) * len(settings.methods) * settings.repeats
+        rounds = f" ({settings.repeats} interleaved rounds)" if settings.repeats > 1 else ""
         lines.append(
-            f"  e2e: {runs} runs, {settings.new_tokens} new tokens, budget {settings.budget}, methods: {methods}"
+            f"  e2e: {runs} runs{rounds}, {settings.new_tokens} new tokens, budget {settings.budget}, "
+            f"methods: {methods}"
         )
     if "memory" in settings.parts:
         lines.append("  memory: weights + one layer's prefill working set + cache vs measured peak")
@@ -210,8 +221,15 @@ def main(argv: list[str]) -> int:
     results = run_all(settings, device, save)
     save(results)
     print(f"wrote {path}")
+    for row in results.get("mix_overhead", []):
+        print(
+            f"mixkv cost {row['model']} N={row['length']} {row['policy']}: total x{row['total_ratio']:.3f} "
+            f"(rounds {row['rounds']}, range {row['total_ratio_min']:.3f}-{row['total_ratio_max']:.3f}), "
+            f"prefill {row['prefill_delta_s'] * 1e3:+.1f} ms"
+        )
     for length in settings.lengths:
-        drawn = draw_efficiency(results.get("e2e", []), settings.out_dir / f"efficiency_{length}.png", length=length)
+        figure = settings.out_dir / f"efficiency_{length}.png"
+        drawn = draw_efficiency(results.get("e2e_median", []), figure, length=length)
         if drawn is not None:
             print(f"wrote {drawn}")
     return 0

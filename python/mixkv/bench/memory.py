@@ -1,7 +1,8 @@
 """Peak-memory breakdown of a compressed run: weights + one layer's prefill working set + cache.
 
 The working set is measured: during a prefill (one new token) with forward hooks on the middle
-decoder layer, the peak allocated inside that layer minus what was allocated when it started.
+decoder layer, the layer's input tensors (hidden states, position embeddings, mask: live for the
+whole layer) plus the peak allocated inside that layer above what was allocated when it started.
 An analytic estimate of the same (bf16 activations of one layer at the prompt length) is reported
 beside it.
 """
@@ -44,9 +45,10 @@ def measure_layer_working_set(
     layer = layers[len(layers) // 2]
     seen: dict[str, int] = {}
 
-    def before(_module: nn.Module, _args: Any) -> None:
+    def before(_module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if "start" in seen:
             return
+        seen["inputs"] = _tensor_bytes([*args, *kwargs.values()])
         torch.cuda.synchronize(device)
         seen["outer_peak"] = torch.cuda.max_memory_allocated(device)
         seen["start"] = torch.cuda.memory_allocated(device)
@@ -60,7 +62,7 @@ def measure_layer_working_set(
 
     free_memory(device)
     cache = make_cache(model, method, budget, dims["layers"], dims["kv_heads"])
-    handles = [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+    handles = [layer.register_forward_pre_hook(before, with_kwargs=True), layer.register_forward_hook(after)]
     try:
         torch.cuda.reset_peak_memory_stats(device)
         with torch.inference_mode():
@@ -75,8 +77,23 @@ def measure_layer_working_set(
         raise RuntimeError("memory: the middle decoder layer never ran")
     return {
         "allocated_at_layer_start": seen["start"],
-        "layer_working_set_bytes": seen["inner_peak"] - seen["start"],
+        "layer_inputs_bytes": seen["inputs"],
+        "layer_working_set_bytes": seen["inputs"] + seen["inner_peak"] - seen["start"],
     }
+
+
+def _tensor_bytes(values: list[Any]) -> int:
+    """Bytes of the distinct CUDA tensor storages among ``values`` (tuples and lists searched)."""
+    seen: dict[int, int] = {}
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, tuple | list):
+            stack.extend(value)
+        elif isinstance(value, torch.Tensor) and value.is_cuda:
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def breakdown_row(
@@ -86,6 +103,7 @@ def breakdown_row(
     layer_working_set: int,
     allocated_at_layer_start: int,
     analytic_layer: int,
+    layer_inputs: int = 0,
 ) -> dict[str, Any]:
     """One run's breakdown: the modelled peak (weights + layer working set + cache) vs the measured peak."""
     cache = int(run.get("cache_bytes") or 0)
@@ -98,8 +116,11 @@ def breakdown_row(
         "weights_bytes": weights,
         "layer_working_set_bytes": layer_working_set,
         "layer_working_set_analytic_bytes": analytic_layer,
+        "layer_inputs_bytes": layer_inputs,
         "allocated_at_layer_start_bytes": allocated_at_layer_start,
-        "resident_activations_bytes": max(0, allocated_at_layer_start - weights),
+        # held when the layer starts besides weights and the layer's own inputs (the caller's
+        # references, e.g. the input embeddings, and earlier layers' compressed cache)
+        "held_outside_layer_bytes": max(0, allocated_at_layer_start - weights - layer_inputs),
         "cache_bytes": cache,
         "modelled_peak_bytes": modelled,
         "measured_peak_bytes": peak,

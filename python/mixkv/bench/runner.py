@@ -15,6 +15,7 @@ from mixkv.bench.methods import Method
 from mixkv.bench.models import ModelSpec, attention_dims, build_model, load_config, weight_bytes
 from mixkv.bench.progress import Progress
 from mixkv.bench.prompts import build_inputs
+from mixkv.bench.summary import median_rows, mix_overhead
 from mixkv.bench.throughput import largest_batch, search_row
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def _count_steps(settings: Settings) -> int:
     if "compress" in settings.parts:
         per_model += len(COMPRESS_POLICIES)
     if "e2e" in settings.parts:
-        per_model += len(settings.lengths) * len(settings.methods)
+        per_model += len(settings.lengths) * len(settings.methods) * settings.repeats
     if "memory" in settings.parts:
         per_model += 1
     if "throughput" in settings.parts:
@@ -71,6 +72,9 @@ class Runner:
                 self.run_model(spec)
         finally:
             self.progress.close()
+        if self.results["e2e"]:
+            self.results["e2e_median"] = median_rows(self.results["e2e"])
+            self.results["mix_overhead"] = mix_overhead(self.results["e2e"])
         return self.results
 
     def run_model(self, spec: ModelSpec) -> None:
@@ -158,36 +162,52 @@ class Runner:
         self, spec: ModelSpec, model: nn.Module, config: PretrainedConfig, dims: dict[str, int], length: int
     ) -> None:
         inputs, info = self._inputs(config, model, length)
-        for method in self.s.methods:
-            self.progress.describe(f"{spec.name} {length} {method.name}")
-            row: dict[str, Any] = {
-                "model": spec.name,
-                "length": length,
-                "image_tokens": info.image_tokens,
-                "image": info.image,
-                "budget": self.s.budget if method.policy else None,
-                "method": method.name,
-                "policy": method.policy,
-                "mix": method.mix,
-                "batch": 1,
-            }
-            try:
-                row |= self._generate(model, inputs, method, dims, self.s.new_tokens)
-                self.progress.write(
-                    f"[e2e] {spec.name} N={length} {method.name:>16}: prefill {row['prefill_s']:6.2f} s "
-                    f"total {row['total_s']:7.2f} s decode {row['decode_ms_per_token'] or 0:6.1f} ms/tok "
-                    f"peak {_fmt_gib(row['peak_bytes'])} cache {_fmt_gib(row['cache_bytes'])}"
-                )
-            except Exception as error:
-                row["error"] = _error(error)
-                row["oom"] = is_oom(error)
-                self.progress.write(f"[e2e] {spec.name} N={length} {method.name}: {row['error']}")
-            free_memory(self.device)
-            self.results["e2e"].append(row)
-            self.progress.step()
-            self.save(self.results)
+        for repeat in range(self.s.repeats):  # interleaved: every method once per round
+            for method in self.s.methods:
+                self._run_one(spec, inputs, info, dims, length, method, repeat, model)
         del inputs
         free_memory(self.device)
+
+    def _run_one(
+        self,
+        spec: ModelSpec,
+        inputs: dict[str, torch.Tensor],
+        info: Any,
+        dims: dict[str, int],
+        length: int,
+        method: Method,
+        repeat: int,
+        model: nn.Module,
+    ) -> None:
+        tag = f" #{repeat + 1}" if self.s.repeats > 1 else ""
+        self.progress.describe(f"{spec.name} {length} {method.name}{tag}")
+        row: dict[str, Any] = {
+            "model": spec.name,
+            "length": length,
+            "image_tokens": info.image_tokens,
+            "image": info.image,
+            "budget": self.s.budget if method.policy else None,
+            "method": method.name,
+            "policy": method.policy,
+            "mix": method.mix,
+            "batch": 1,
+            "repeat": repeat,
+        }
+        try:
+            row |= self._generate(model, inputs, method, dims, self.s.new_tokens)
+            self.progress.write(
+                f"[e2e] {spec.name} N={length} {method.name:>16}{tag}: prefill {row['prefill_s']:6.2f} s "
+                f"total {row['total_s']:7.2f} s decode {row['decode_ms_per_token'] or 0:6.1f} ms/tok "
+                f"peak {_fmt_gib(row['peak_bytes'])} cache {_fmt_gib(row['cache_bytes'])}"
+            )
+        except Exception as error:
+            row["error"] = _error(error)
+            row["oom"] = is_oom(error)
+            self.progress.write(f"[e2e] {spec.name} N={length} {method.name}{tag}: {row['error']}")
+        free_memory(self.device)
+        self.results["e2e"].append(row)
+        self.progress.step()
+        self.save(self.results)
 
     def run_memory(self, spec: ModelSpec, model: nn.Module, config: PretrainedConfig, dims: dict[str, int]) -> None:
         self.progress.describe(f"{spec.name} memory")
@@ -214,8 +234,7 @@ class Runner:
             self.progress.step()
             self.save(self.results)
             return
-        runs = [r for r in self.results["e2e"] if r["model"] == spec.name and r["length"] == length]
-        runs = [r for r in runs if "error" not in r]
+        runs = [r for r in median_rows(self.results["e2e"]) if r["model"] == spec.name and r["length"] == length]
         if not runs:
             runs = [{"model": spec.name, "length": length, "method": "(prefill only)"}]
         for run in runs:
@@ -225,6 +244,7 @@ class Runner:
                 layer_working_set=measured["layer_working_set_bytes"],
                 allocated_at_layer_start=measured["allocated_at_layer_start"],
                 analytic_layer=analytic,
+                layer_inputs=measured["layer_inputs_bytes"],
             )
             row["probe_method"] = probe.name
             self.results["memory"].append(row)

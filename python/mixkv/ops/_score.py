@@ -111,7 +111,8 @@ def compute_scores(
     query_window: [B, Hq, W, D], the last W prompt queries after RoPE; keys, values: [B, Hkv, N, D],
     one float dtype, contiguous last dimension. valid_lengths: int [B] non-padding tokens of each
     left-padded sequence. redundancy: [1 or B, Hkv] offline head redundancy (else estimated online).
-    ``validate=False`` skips only the NaN/inf scan of the inputs (a device sync on CUDA).
+    ``validate=False`` skips the checks that read values (the NaN/inf scan of the inputs and the
+    range of valid_lengths), each a device synchronisation on CUDA.
     """
     q, k, v, device = _check_qkv(query_window, keys, values)
     check_choice("method", method, METHODS)
@@ -123,7 +124,7 @@ def compute_scores(
     b, hkv, n, d = k.shape
     w = q.shape[2]
     r_in = _check_redundancy(redundancy, b, hkv, device)
-    valid = check_valid_lengths(valid_lengths, b, n, device)
+    valid = check_valid_lengths(valid_lengths, b, n, device, read_values=validate)
     scale_value = _check_scale(scale)
     if validate:
         check_finite("query_window", q)

@@ -64,9 +64,10 @@ def test_prefill_compression_synchronises_once_per_layer(
     with torch.inference_mode():
         tiny.model.generate(**inputs, past_key_values=cache, max_new_tokens=2, do_sample=False)
     assert len(seen) == tiny.num_layers
-    # the counts (and valid lengths) reach the host once per layer; the padding mask is read once
-    expected = [2 if padded else 1] + [1] * (tiny.num_layers - 1)
-    assert seen == expected
+    # the counts (and valid lengths) reach the host once per layer; a mask, when the model passes
+    # one, is read once per forward (padding needs one)
+    assert seen[0] == 2 if padded else seen[0] in (1, 2)
+    assert seen[1:] == [1] * (tiny.num_layers - 1)
 
 
 def _random_selection(device: str, seed: int) -> tuple[torch.Tensor, ...]:

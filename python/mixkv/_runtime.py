@@ -17,3 +17,14 @@ def workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:
     if device.type != "cuda" or nbytes <= 0:
         return None
     return torch.empty(int(nbytes), dtype=torch.uint8, device=device)
+
+
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of the host tensor ``host`` on ``device`` that does not synchronise the device.
+
+    On CUDA the data goes through pinned memory with a non-blocking copy on the current stream
+    (torch keeps the pinned buffer alive until the copy has run).
+    """
+    if device.type != "cuda":
+        return host.to(device)
+    return host.contiguous().pin_memory().to(device, non_blocking=True)

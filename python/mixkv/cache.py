@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mixkv import _attention
 from mixkv._checks import check_choice, check_int
+from mixkv._runtime import to_device_async
 from mixkv.adapters import TextModelSpec, text_model_spec
 from mixkv.ops import GQA_REDUCTIONS, METHODS, POLICIES, POOLINGS, capacities_into, compute_scores, select_into
 from mixkv.store import VarlenKVStore
@@ -95,6 +96,26 @@ class PrefillRecord:
     capacities: torch.Tensor | None  # int32 [B, Hkv] prefix tokens kept
 
 
+class DeviceTables:
+    """The offline tables of one cache (host tensors), moved to a device once and shared by every layer.
+
+    The move does not synchronise the device (pinned memory, non-blocking copy).
+    """
+
+    def __init__(self, **tables: torch.Tensor | None) -> None:
+        self._host = tables
+        self._moved: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, device: torch.device) -> torch.Tensor | None:
+        host = self._host[name]
+        if host is None:
+            return None
+        key = (name, device)
+        if key not in self._moved:
+            self._moved[key] = to_device_async(host, device)
+        return self._moved[key]
+
+
 class MixKVLayer(CacheLayerMixin):
     """One decoder layer: full keys/values until its prefill attention ran, then a varlen store."""
 
@@ -103,9 +124,10 @@ class MixKVLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, settings: CompressionSettings, layer_idx: int) -> None:
+    def __init__(self, settings: CompressionSettings, layer_idx: int, tables: DeviceTables | None = None) -> None:
         super().__init__()
         self.settings = settings
+        self.tables = tables or DeviceTables(head_scores=settings.head_scores, redundancy=settings.redundancy)
         self.layer_idx = layer_idx
         self.store: VarlenKVStore | None = None
         self.seq_length = 0
@@ -258,9 +280,9 @@ class MixKVLayer(CacheLayerMixin):
         else:
             window = s.window
             need_importance = s.method != "attn" and (s.policy == "adakv" or s.record)
-            redundancy = None
-            if s.redundancy is not None:
-                redundancy = s.redundancy[self.layer_idx : self.layer_idx + 1].to(keys.device)
+            redundancy = self.tables.get("redundancy", keys.device)
+            if redundancy is not None:
+                redundancy = redundancy[self.layer_idx : self.layer_idx + 1]
             result = compute_scores(
                 query[:, :, length - window :, :],
                 keys,
@@ -279,7 +301,7 @@ class MixKVLayer(CacheLayerMixin):
             importance = result.importance if result.importance is not None else result.scores
             options = s.policy_options()
             if s.policy == "sparsemm":
-                options["head_scores"] = options["head_scores"].to(keys.device)
+                options["head_scores"] = self.tables.get("head_scores", keys.device)
             # The scores, capacities and selection come from this layer's own tensors: no value
             # checks (each would synchronise the device); the store reads the counts once.
             caps = torch.empty((batch, num_kv_heads), dtype=torch.int32, device=keys.device)
@@ -443,7 +465,8 @@ class MixKVCache(Cache):
             head_scores=head_scores,
             redundancy=redundancy,
         )
-        super().__init__(layers=[MixKVLayer(self.settings, i) for i in range(spec.num_layers)])
+        tables = DeviceTables(head_scores=head_scores, redundancy=redundancy)
+        super().__init__(layers=[MixKVLayer(self.settings, i, tables) for i in range(spec.num_layers)])
         _attention.install(model, spec)
 
     def __repr__(self) -> str:

@@ -23,7 +23,7 @@ from mixkv._checks import (
     check_tensor,
     check_valid_lengths,
 )
-from mixkv._runtime import stream_handle, workspace
+from mixkv._runtime import stream_handle, to_device_async, workspace
 
 DEFAULT_RESERVE: int = 128
 INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
@@ -80,7 +80,7 @@ class VarlenKVStore:
         self._host_offsets = host_offsets.astype(np.int64)
         self._host_caps = host_capacities.astype(np.int64)
         self._host_lengths = host_lengths.astype(np.int64)
-        self._offsets = torch.as_tensor(self._host_offsets.astype(np.int32)).to(k_buf.device)
+        self._offsets = to_device_async(torch.from_numpy(self._host_offsets.astype(np.int32)), k_buf.device)
         self._batch = batch_size
         self._hkv = num_kv_heads
         self._device = k_buf.device
@@ -247,7 +247,7 @@ class VarlenKVStore:
         k_buf = torch.empty((slots, d), dtype=self.dtype, device=self.device)
         v_buf = torch.empty((slots, d), dtype=self.dtype, device=self.device)
         lengths = torch.empty(caps.size, dtype=torch.int32, device=self.device)
-        dst_offsets = torch.as_tensor(offsets.astype(np.int32)).to(self.device)
+        dst_offsets = to_device_async(torch.from_numpy(offsets.astype(np.int32)), self.device)
         _core.store_copy_segments(
             self._k,
             self._v,

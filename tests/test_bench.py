@@ -18,7 +18,7 @@ from mixkv.bench.models import MODELS, ModelSpec, attention_dims, build_model, l
 from mixkv.bench.prompts import build_inputs, choose_image
 from mixkv.bench.report import write_results
 from mixkv.bench.runner import run_all
-from mixkv.bench.summary import median_rows, mix_overhead
+from mixkv.bench.summary import median_rows, mix_overhead, prefill_cost_row
 from mixkv.bench.throughput import largest_batch
 from models import IMAGE_TOKEN, internvl_config, llava_next_config, qwen2_vl_config
 
@@ -353,3 +353,27 @@ def test_median_rows_and_mix_overhead_pair_rounds() -> None:
     assert mix_overhead(rows, tolerance=0.005)[0]["within_tolerance"] is False
     # a MixKV run without its base policy's run has nothing to be compared with
     assert mix_overhead([_row("snapkv+mixkv", 0, 1.0, 0.1)]) == []
+
+
+def test_prefill_cost_row_uses_round_differences() -> None:
+    row = prefill_cost_row("m", 100, "adakv", [1.0, 2.0, 1.1], [1.2, 2.05, 1.1], base_total_s=10.0)
+    # per-round deltas 0.2, 0.05, 0.0 -> median 0.05 (the medians' difference would be 0.1)
+    assert row["prefill_delta_s"] == pytest.approx(0.05) and row["rounds"] == 3
+    assert row["prefill_delta_min_s"] == pytest.approx(0.0) and row["prefill_delta_max_s"] == pytest.approx(0.2)
+    assert row["total_share"] == pytest.approx(0.005) and row["within_tolerance"] is True
+    assert prefill_cost_row("m", 100, "adakv", [1.0], [1.5], base_total_s=10.0)["within_tolerance"] is False
+    assert prefill_cost_row("m", 100, "adakv", [1.0], [1.5])["total_share"] is None
+    assert "error" in prefill_cost_row("m", 100, "adakv", [], [1.0])
+
+
+def test_mix_cost_part_runs_interleaved_prefills(tmp_path: Path) -> None:
+    if not hasattr(mixkv, "MixKVCache"):
+        pytest.skip("mixkv.MixKVCache is not in this build yet")
+    torch.manual_seed(0)
+    settings = _settings(tmp_path, ["full", "adakv", "adakv+mixkv"], ["e2e", "mixcost"])
+    settings.mix_cost_rounds = 2
+    results = run_all(settings, torch.device("cpu"), lambda r: None, configs={"tiny-qwen2-vl": tiny_qwen()})
+    (row,) = results["mix_cost"]
+    assert row["policy"] == "adakv" and row["rounds"] == 2 and "error" not in row
+    assert row["base_total_s"] == next(r["total_s"] for r in results["e2e"] if r["method"] == "adakv")
+    assert row["total_share"] == pytest.approx(row["prefill_delta_s"] / row["base_total_s"])

@@ -20,7 +20,7 @@ from mixkv.bench.models import ModelSpec, attention_dims, load_config, resolve_m
 from mixkv.bench.prompts import choose_image
 from mixkv.bench.report import environment, write_results
 
-ALL_PARTS: tuple[str, ...] = ("compress", "e2e", "memory", "throughput")
+ALL_PARTS: tuple[str, ...] = ("compress", "e2e", "mixcost", "memory", "throughput")
 
 QUICK: dict[str, Any] = {
     "models": ["llava-next-mistral-7b"],
@@ -28,6 +28,7 @@ QUICK: dict[str, Any] = {
     "methods": ["full", "snapkv", "adakv+mixkv"],
     "new_tokens": 16,
     "repeats": 1,
+    "mix_cost_rounds": 3,
     "throughput_length": 2000,
     "throughput_new_tokens": 8,
     "throughput_cap_s": 30.0,
@@ -42,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "methods": [m.name for m in ALL_METHODS],
     "new_tokens": 512,
     "repeats": 1,
+    "mix_cost_rounds": 7,
     "throughput_length": 32000,
     "throughput_new_tokens": 32,
     "throughput_cap_s": 240.0,
@@ -62,6 +64,7 @@ class Settings:
     parts: list[str]
     new_tokens: int
     repeats: int
+    mix_cost_rounds: int
     budget: int
     throughput_length: int
     throughput_methods: list[Method]
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="rounds of end-to-end runs, interleaved (every method once per round; medians reported; default 1)",
     )
+    add("--mix-cost-rounds", type=int, help="interleaved prefill-only rounds of the MixKV cost (default: 7)")
     add("--budget", type=int, default=64, help="cache budget per head, window included (default: 64)")
     add("--throughput-length", type=int, help="prompt length of the batch search (default: 32000)")
     add(
@@ -126,7 +130,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         return base[name] if value is None else value
 
-    for name in ("new_tokens", "repeats", "budget", "throughput_new_tokens", "throughput_max_batch", "compress_reps"):
+    positive = ("new_tokens", "repeats", "mix_cost_rounds", "budget")
+    for name in (*positive, "throughput_new_tokens", "throughput_max_batch", "compress_reps"):
         value = pick(name)
         if value <= 0:
             raise ValueError(f"--{name.replace('_', '-')}: must be positive (got {value})")
@@ -137,6 +142,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         parts=list(dict.fromkeys(args.parts)),
         new_tokens=pick("new_tokens"),
         repeats=pick("repeats"),
+        mix_cost_rounds=pick("mix_cost_rounds"),
         budget=args.budget,
         throughput_length=pick("throughput_length"),
         throughput_methods=[parse_method(m) for m in args.throughput_methods],
@@ -181,6 +187,11 @@ def plan_lines(settings: Settings) -> list[str]:
         lines.append(
             f"  e2e: {runs} runs{rounds}, {settings.new_tokens} new tokens, budget {settings.budget}, "
             f"methods: {methods}"
+        )
+    if "mixcost" in settings.parts:
+        lines.append(
+            f"  mixcost: {settings.mix_cost_rounds} interleaved prefill-only rounds per length, each policy "
+            "without and with MixKV (the prefill time MixKV adds, as a share of the base total)"
         )
     if "memory" in settings.parts:
         lines.append("  memory: weights + one layer's prefill working set + cache vs measured peak")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-PARTS: tuple[str, ...] = ("e2e", "compress", "throughput", "memory")
+PARTS: tuple[str, ...] = ("e2e", "e2e_median", "mix_overhead", "mix_cost", "compress", "throughput", "memory")
 
 
 def environment(device: torch.device) -> dict[str, Any]:

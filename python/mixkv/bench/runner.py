@@ -15,7 +15,7 @@ from mixkv.bench.methods import Method
 from mixkv.bench.models import ModelSpec, attention_dims, build_model, load_config, weight_bytes
 from mixkv.bench.progress import Progress
 from mixkv.bench.prompts import build_inputs
-from mixkv.bench.summary import median_rows, mix_overhead
+from mixkv.bench.summary import median_rows, mix_overhead, prefill_cost_row
 from mixkv.bench.throughput import largest_batch, search_row
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ def _count_steps(settings: Settings) -> int:
         per_model += len(COMPRESS_POLICIES)
     if "e2e" in settings.parts:
         per_model += len(settings.lengths) * len(settings.methods) * settings.repeats
+    if "mixcost" in settings.parts:
+        per_model += len(settings.lengths) * settings.mix_cost_rounds
     if "memory" in settings.parts:
         per_model += 1
     if "throughput" in settings.parts:
@@ -62,7 +64,7 @@ class Runner:
         self.configs = dict(configs or {})
         self.device = device
         self.save = save
-        self.results: Results = {"e2e": [], "compress": [], "throughput": [], "memory": []}
+        self.results: Results = {"e2e": [], "mix_cost": [], "compress": [], "throughput": [], "memory": []}
         self.progress = Progress(_count_steps(settings), enabled=settings.progress)
 
     def run(self) -> Results:
@@ -103,7 +105,7 @@ class Runner:
                     )
                 self.progress.step()
             self.save(self.results)
-        if not {"e2e", "memory", "throughput"} & set(self.s.parts):
+        if not {"e2e", "mixcost", "memory", "throughput"} & set(self.s.parts):
             return
         self.progress.describe(f"{spec.name} build")
         free_memory(self.device)
@@ -113,6 +115,9 @@ class Runner:
             if "e2e" in self.s.parts:
                 for length in self.s.lengths:
                     self.run_length(spec, model, config, dims, length)
+            if "mixcost" in self.s.parts:
+                for length in self.s.lengths:
+                    self.run_mix_cost(spec, model, config, dims, length)
             if "memory" in self.s.parts:
                 self.run_memory(spec, model, config, dims)
             if "throughput" in self.s.parts:
@@ -207,6 +212,45 @@ class Runner:
         free_memory(self.device)
         self.results["e2e"].append(row)
         self.progress.step()
+        self.save(self.results)
+
+    def run_mix_cost(
+        self, spec: ModelSpec, model: nn.Module, config: PretrainedConfig, dims: dict[str, int], length: int
+    ) -> None:
+        """Prefill-only runs (one new token), interleaved base / +MixKV, for every policy with both selected."""
+        policies = [m.policy for m in self.s.methods if m.policy and m.mix]
+        policies = [p for p in policies if any(m.policy == p and not m.mix for m in self.s.methods)]
+        if not policies:
+            for _ in range(self.s.mix_cost_rounds):
+                self.progress.step()
+            return
+        inputs, _ = self._inputs(config, model, length)
+        samples: dict[tuple[str, bool], list[float]] = {}
+        for rnd in range(self.s.mix_cost_rounds):
+            self.progress.describe(f"{spec.name} {length} mixkv cost #{rnd + 1}")
+            for policy in policies:
+                for mix in (False, True):
+                    try:
+                        run = self._generate(model, inputs, Method(policy, mix), dims, 1)
+                        samples.setdefault((policy, mix), []).append(run["prefill_s"])
+                    except Exception as error:
+                        self.progress.write(f"[mixcost] {spec.name} N={length} {policy}: {_error(error)}")
+            self.progress.step()
+        del inputs
+        free_memory(self.device)
+        medians = median_rows(self.results["e2e"])
+        totals = {r["method"]: r["total_s"] for r in medians if r["model"] == spec.name and r["length"] == length}
+        for policy in policies:
+            base, mixed = samples.get((policy, False), []), samples.get((policy, True), [])
+            total = totals.get(policy)
+            row = prefill_cost_row(spec.name, length, policy, base, mixed, base_total_s=total)
+            self.results["mix_cost"].append(row)
+            if "error" not in row:
+                share = f", {row['total_share'] * 100:.2f}% of total" if row.get("total_share") is not None else ""
+                self.progress.write(
+                    f"[mixcost] {spec.name} N={length} {policy:>9}: prefill {row['base_prefill_s'] * 1e3:7.1f} -> "
+                    f"{row['mix_prefill_s'] * 1e3:7.1f} ms (delta {row['prefill_delta_s'] * 1e3:+.1f} ms{share})"
+                )
         self.save(self.results)
 
     def run_memory(self, spec: ModelSpec, model: nn.Module, config: PretrainedConfig, dims: dict[str, int]) -> None:

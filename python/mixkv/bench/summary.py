@@ -78,3 +78,43 @@ def mix_overhead(rows: Sequence[dict[str, Any]], tolerance: float = 0.02) -> lis
             }
         )
     return out
+
+
+def prefill_cost_row(
+    model: str,
+    length: int,
+    policy: str,
+    base: Sequence[float],
+    mixed: Sequence[float],
+    *,
+    base_total_s: float | None = None,
+    tolerance: float = 0.02,
+) -> dict[str, Any]:
+    """The prefill time MixKV adds to ``policy``: median of the per-round differences.
+
+    ``base`` and ``mixed`` are prefill seconds of interleaved rounds (index = round). MixKV changes
+    only the prefill's scoring (the decode then runs on caches of the same sizes), so with the base
+    policy's end-to-end total this gives the share of the total that MixKV costs.
+    """
+    row: dict[str, Any] = {"model": model, "length": length, "policy": policy}
+    rounds = min(len(base), len(mixed))
+    if rounds == 0:
+        return row | {"error": "no successful prefill pair"}
+    deltas = [mixed[i] - base[i] for i in range(rounds)]
+    delta = statistics.median(deltas)
+    row |= {
+        "rounds": rounds,
+        "base_prefill_s": statistics.median(base[:rounds]),
+        "mix_prefill_s": statistics.median(mixed[:rounds]),
+        "prefill_delta_s": delta,
+        "prefill_delta_min_s": min(deltas),
+        "prefill_delta_max_s": max(deltas),
+        "base_total_s": base_total_s,
+        "total_share": None,
+        "within_tolerance": None,
+        "tolerance": tolerance,
+    }
+    if base_total_s:
+        row["total_share"] = delta / base_total_s
+        row["within_tolerance"] = abs(delta) / base_total_s <= tolerance
+    return row

@@ -1,7 +1,8 @@
-// CUDA top-c selection: one thread-block cluster per (b, h) row (up to 8 blocks, ~1k positions
-// each). Each block caches its chunk of the row as order-preserving keys in shared memory, a
-// cluster-wide four-pass radix select finds the c-th largest key, and each block writes its chosen
-// positions at their place in the ascending output (cluster_select.cuh).
+// CUDA top-c selection: one block per (b, h) row up to 4k positions, longer rows one thread-block
+// cluster (up to 8 blocks, ~4k positions each). Each block caches its chunk of the row as
+// order-preserving keys in shared memory, a cluster-wide radix select (at most four passes) finds
+// the c-th largest key, and each block writes its chosen positions at their place in the ascending
+// output (cluster_select.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -31,6 +32,7 @@ struct SelectArgs {
   int32_t* counts;
   int64_t n_b, n_h;
   int H, P, C;
+  bool aggregate;
 };
 
 // One cluster of G blocks per (b, h) row; block r of the cluster holds positions
@@ -56,15 +58,15 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
   };
   const int cap = a.caps[b * a.c_b + h * a.c_h];
   const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(a.P, a.C)));
-  const csel::Cut cut = csel::cluster_cut(key_at, n_local, c, sh);
-  cluster.barrier_arrive();  // this block reads no other block's memory from here on
+  const csel::Cut cut = csel::cluster_cut(key_at, n_local, c, sh, a.aggregate);
+  if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on
   csel::emit_in_order(key_at, n_local, cut, sh, [&](uint32_t slot, int i) { out[slot] = lo + i; });
   const int stride = G * static_cast<int>(blockDim.x);
   for (int i = static_cast<int>(cut.take) + rank * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
        i < a.C; i += stride)
     out[i] = -1;
   if (rank == 0 && threadIdx.x == 0) a.counts[b * a.n_b + h * a.n_h] = static_cast<int32_t>(cut.take);
-  cluster.barrier_wait();  // the others may read this block's histograms until they arrive
+  if (G > 1) cluster.barrier_wait();  // the others may read this block's histograms until they arrive
 }
 
 }  // namespace
@@ -83,9 +85,10 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
   SelectArgs a{scores.ptr<float>(), scores.stride[0], scores.stride[1], capacities.ptr<int32_t>(),
                capacities.stride[0], capacities.stride[1], positions.ptr<int32_t>(), positions.stride[0],
                positions.stride[1], counts.ptr<int32_t>(), counts.stride[0], counts.stride[1],
-               static_cast<int>(H), static_cast<int>(P), static_cast<int>(C)};
+               static_cast<int>(H), static_cast<int>(P), static_cast<int>(C), true};
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const csel::RowClusters plan = csel::plan_row_clusters(rows, P, scores.device_id, "select");
+  const csel::RowClusters plan = csel::plan_row_clusters(rows, P, scores.device_id, "select", sizeof(csel::Shared));
+  a.aggregate = plan.aggregate;
   if (plan.cached) {
     csel::launch_row_clusters(plan, s, select_rows_kernel<true>, a, plan.chunk);
   } else {

@@ -28,16 +28,17 @@ SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (8, 32, 2000, 1056),
 )
 
-KNOBS = ("MIXKV_SELECT_MAX_CLUSTER", "MIXKV_SEL_PER_BLOCK", "MIXKV_SEL_THREADS", "MIXKV_SEL_AGG")
+KNOBS = ("MIXKV_SELECT_MAX_CLUSTER", "MIXKV_SEL_PER_BLOCK", "MIXKV_SEL_THREADS", "MIXKV_SEL_AGG", "MIXKV_SEL_STOP")
 VARIANTS: tuple[dict[str, str], ...] = (
     {},
     {"MIXKV_SEL_AGG": "0"},
+    {"MIXKV_SEL_AGG": "1"},
     {"MIXKV_SEL_PER_BLOCK": "2048"},
-    {"MIXKV_SEL_PER_BLOCK": "1024"},
-    {"MIXKV_SEL_THREADS": "256"},
     {"MIXKV_SELECT_MAX_CLUSTER": "16", "MIXKV_SEL_PER_BLOCK": "2048"},
     {"MIXKV_SELECT_MAX_CLUSTER": "1"},
 )
+# select stopped after loading (0), after 1-4 radix passes, after the ordered write (5)
+STAGES = ("0", "1", "2", "3", "4", "5")
 
 
 def device_us(fn: Callable[[], None], reps: int = 20) -> dict[str, float]:
@@ -99,6 +100,15 @@ def main() -> int:
                 times = device_us(fn)
                 parts = "  ".join(f"{short_name(k)}={v:.1f}" for k, v in times.items())
                 print(f"{label:<22} B={b} H={h} P={p} budget={budget} {name}: {sum(times.values()):.1f} us  {parts}")
+    if args.variants:
+        floor = device_us(lambda: torch.empty(4, dtype=torch.int32, device="cuda").fill_(1))
+        print(f"tiny fill kernel: {sum(floor.values()):.1f} us")
+        for stage in STAGES:
+            os.environ["MIXKV_SEL_STOP"] = stage
+            for shape in SHAPES[:3]:
+                times = device_us(ops_for(*shape)["select"])
+                b, h, p, _ = shape
+                print(f"select stopped at stage {stage}: B={b} H={h} P={p}: {sum(times.values()):.1f} us")
     for key in KNOBS:
         os.environ.pop(key, None)
     return 0

@@ -106,7 +106,7 @@ struct AdaWork {
   uint32_t* counts;    // [B * H]: candidates kept per row
   float* candidates;   // [B * H, stride]: each row's top m scores (any order)
   int stride;          // min(H * base, P)
-  bool aggregate;
+  int mode;  // csel::hist_add
 };
 
 __host__ __device__ inline std::size_t align256(std::size_t x) { return (x + 255) / 256 * 256; }
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(512) adakv_top_kernel(BudgetArgs a, AdaWork w)
   c[0] = static_cast<uint32_t>(m64);
   if constexpr (NT == 2) c[1] = static_cast<uint32_t>(a.base);
   csel::Cut cut[NT];
-  csel::cluster_cut<NT>(key_at, n_local, c, sh, cut, w.aggregate);
+  csel::cluster_cut<NT>(key_at, n_local, c, sh, cut, w.mode);
   if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on
   if constexpr (NT == 2) {
     // this block's sums, fixed order: per thread strided, then lanes, then warps in order
@@ -170,14 +170,13 @@ __global__ void __launch_bounds__(512) adakv_top_kernel(BudgetArgs a, AdaWork w)
 
 // Shared-memory arrays of adakv_alloc_kernel ahead of its cached keys, H heads.
 struct AllocLayout {
-  std::size_t f, count, greater, equal, g_sum, e_sum, bytes;
+  std::size_t f, count, ge, g_sum, e_sum, bytes;
   __host__ __device__ explicit AllocLayout(int H) {
     const std::size_t h = static_cast<std::size_t>(H);
     f = 0;
     count = f + 8 * h;
-    greater = count + 4 * h;
-    equal = greater + 4 * h;
-    g_sum = equal + 4 * h;
+    ge = count + 4 * h;  // [H][2]: keys above / equal to the cut
+    g_sum = ge + 8 * h;
     e_sum = g_sum + 4 * h;
     bytes = (e_sum + 4 * h + 15) / 16 * 16;
   }
@@ -203,8 +202,7 @@ __global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork 
   const AllocLayout L(H);
   double* f = reinterpret_cast<double*>(smem + L.f);
   uint32_t* count = reinterpret_cast<uint32_t*>(smem + L.count);
-  uint32_t* greater = reinterpret_cast<uint32_t*>(smem + L.greater);
-  uint32_t* equal = reinterpret_cast<uint32_t*>(smem + L.equal);
+  uint32_t* ge = reinterpret_cast<uint32_t*>(smem + L.ge);
   uint32_t* g_sum = reinterpret_cast<uint32_t*>(smem + L.g_sum);
   uint32_t* e_sum = reinterpret_cast<uint32_t*>(smem + L.e_sum);
   uint32_t* keys = reinterpret_cast<uint32_t*>(smem + L.bytes);
@@ -222,8 +220,8 @@ __global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork 
       fh = all != 0.0 ? __ddiv_rn(top, all) : 1.0;
     }
     f[h] = fh;
-    greater[h] = 0u;
-    equal[h] = 0u;
+    ge[2 * h] = 0u;
+    ge[2 * h + 1] = 0u;
   }
   __syncthreads();
   const int n_all = H * M;
@@ -258,7 +256,7 @@ __global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork 
     }
   };
   const uint32_t k = static_cast<uint32_t>(a.base) * static_cast<uint32_t>(H);
-  const csel::Cut cut = csel::cluster_cut(key_at, n_local, k, sh, w.aggregate);
+  const csel::Cut cut = csel::cluster_cut(key_at, n_local, k, sh, w.mode);
   // keys of this chunk above / equal to the cut, per head
   if (cut.take > 0) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -271,9 +269,7 @@ __global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork 
         if (key > cut.key) d = 2u * h;
         else if (key == cut.key) d = 2u * h + 1u;
       }
-      const unsigned peers = __match_any_sync(0xFFFFFFFFu, d);
-      if (d != csel::kNone && lane == __ffs(peers) - 1)
-        atomicAdd((d & 1u) ? &equal[d >> 1] : &greater[d >> 1], static_cast<unsigned>(__popc(peers)));
+      csel::hist_add(ge, d, 2);
     }
   }
   csel::row_sync(cluster, static_cast<unsigned>(G));  // every block's counts are complete
@@ -281,12 +277,12 @@ __global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork 
     for (int h = threadIdx.x; h < H; h += blockDim.x) {
       uint32_t gs = 0, es = 0;
       if (G == 1) {
-        gs = greater[h];
-        es = equal[h];
+        gs = ge[2 * h];
+        es = ge[2 * h + 1];
       } else {
         for (int r = 0; r < G; ++r) {
-          gs += *cluster.map_shared_rank(&greater[h], r);
-          es += *cluster.map_shared_rank(&equal[h], r);
+          gs += *cluster.map_shared_rank(&ge[2 * h], r);
+          es += *cluster.map_shared_rank(&ge[2 * h + 1], r);
         }
       }
       g_sum[h] = gs;
@@ -374,7 +370,7 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   if (o.ada_normalize) {
     const csel::RowClusters top = csel::plan_row_clusters(cells, P, device, "capacities", sizeof(csel::SharedT<2>));
     w.top_blocks = top.G;
-    w.aggregate = top.aggregate;
+    w.mode = top.mode;
     if (top.cached) {
       csel::launch_row_clusters(top, s, adakv_top_kernel<true, 2>, a, w);
     } else {
@@ -383,7 +379,7 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   } else {
     const csel::RowClusters top = csel::plan_row_clusters(cells, P, device, "capacities", sizeof(csel::SharedT<1>));
     w.top_blocks = top.G;
-    w.aggregate = top.aggregate;
+    w.mode = top.mode;
     if (top.cached) {
       csel::launch_row_clusters(top, s, adakv_top_kernel<true, 1>, a, w);
     } else {

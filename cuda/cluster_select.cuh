@@ -68,12 +68,10 @@ __device__ __forceinline__ void row_sync(const Cluster& cluster, unsigned G) {
 }
 
 template <int NT>
-struct SharedT {
-  uint32_t hist[2][NT][kBins];  // this block's histograms (one per target), double-buffered
-  uint32_t inc_tot[NT][kBins];  // cluster totals by rank from the top, inclusive scan per 32 bins
-  uint32_t inc_low[NT][kBins];  // the same over lower-ranked blocks only
-  uint32_t grp_tot[NT][kGroups];
-  uint32_t grp_low[NT][kGroups];
+struct alignas(16) SharedT {
+  uint32_t hist[3][NT][kBins];  // this block's histograms (one per target), one buffer per pass mod 3
+  uint32_t sum_tot[NT][kBins];  // summed over the cluster (clusters of more than one block)
+  uint32_t sum_low[NT][kBins];  // the same over lower-ranked blocks only
   uint32_t warp_g[kMaxWarps];
   uint32_t warp_e[kMaxWarps];
   double warp_sum[2][kMaxWarps];
@@ -100,43 +98,107 @@ __device__ __forceinline__ uint32_t warp_inclusive_scan(uint32_t v, int lane) {
   return v;
 }
 
+// Histogram of 256 bins as one warp sees it: lane l holds the bins of ranks [8l, 8l + 8) from the
+// top (t[j]: rank 8l + j), and the counts above its first bin.
+struct WarpBins {
+  uint32_t t[8], l[8];
+  uint32_t t_above, l_above, total, total_low;
+};
+
+__device__ __forceinline__ void load8_desc(const uint32_t* bins, int lane, uint32_t (&v)[8]) {
+  const uint4 hi = *reinterpret_cast<const uint4*>(bins + kBins - 4 - 8 * lane);
+  const uint4 lo = *reinterpret_cast<const uint4*>(bins + kBins - 8 - 8 * lane);
+  v[0] = hi.w;
+  v[1] = hi.z;
+  v[2] = hi.y;
+  v[3] = hi.x;
+  v[4] = lo.w;
+  v[5] = lo.z;
+  v[6] = lo.y;
+  v[7] = lo.x;
+}
+
+// tot / low: 16-byte aligned arrays of kBins counts; low may be null (all zero).
+__device__ __forceinline__ WarpBins warp_bins(const uint32_t* tot, const uint32_t* low) {
+  const int lane = threadIdx.x & 31;
+  WarpBins w;
+  load8_desc(tot, lane, w.t);
+  if (low != nullptr) {
+    load8_desc(low, lane, w.l);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) w.l[j] = 0u;
+  }
+  uint32_t ts = 0, ls = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    ts += w.t[j];
+    ls += w.l[j];
+  }
+  const uint32_t ti = warp_inclusive_scan(ts, lane), li = warp_inclusive_scan(ls, lane);
+  w.t_above = ti - ts;
+  w.l_above = li - ls;
+  w.total = __shfl_sync(0xFFFFFFFFu, ti, 31);
+  w.total_low = __shfl_sync(0xFFFFFFFFu, li, 31);
+  return w;
+}
+
 struct Digit {
   uint32_t digit;      // the bin where the running count from the top first reaches `want`
   uint32_t above;      // keys in higher bins
   uint32_t at;         // keys in the bin
   uint32_t low_above;  // the same two, counting lower-ranked blocks only
   uint32_t low_at;
-  uint32_t total;      // keys in every bin
-  uint32_t total_low;
 };
 
-// One warp, every lane gets the same answer: locates `want` (1 <= want <= total) in the scanned
-// histogram inc_tot / grp_tot (ranks from the top). want = 0 returns only the totals.
-__device__ __forceinline__ Digit warp_locate(const uint32_t* inc_tot, const uint32_t* inc_low, const uint32_t* grp_tot,
-                                             const uint32_t* grp_low, uint32_t want) {
+// Every lane gets the same answer; 1 <= want <= w.total.
+__device__ __forceinline__ Digit warp_find(const WarpBins& w, uint32_t want) {
   const int lane = threadIdx.x & 31;
-  const uint32_t gt = lane < kGroups ? grp_tot[lane] : 0u, gl = lane < kGroups ? grp_low[lane] : 0u;
-  const uint32_t git = warp_inclusive_scan(gt, lane), gil = warp_inclusive_scan(gl, lane);
-  Digit d{};
-  d.total = __shfl_sync(0xFFFFFFFFu, git, kGroups - 1);
-  d.total_low = __shfl_sync(0xFFFFFFFFu, gil, kGroups - 1);
-  if (want == 0) return d;
-  const unsigned in_group = __ballot_sync(0xFFFFFFFFu, lane < kGroups && git >= want);
-  const int g = __ffs(in_group) - 1;
-  const uint32_t g_above = __shfl_sync(0xFFFFFFFFu, git - gt, g), g_low = __shfl_sync(0xFFFFFFFFu, gil - gl, g);
-  const uint32_t it = inc_tot[g * 32 + lane], il = inc_low[g * 32 + lane];
-  const unsigned in_bin = __ballot_sync(0xFFFFFFFFu, g_above + it >= want);
-  const int j = __ffs(in_bin) - 1;
-  const uint32_t it_j = __shfl_sync(0xFFFFFFFFu, it, j), il_j = __shfl_sync(0xFFFFFFFFu, il, j);
-  const uint32_t pt = __shfl_sync(0xFFFFFFFFu, it, j > 0 ? j - 1 : 0);
-  const uint32_t pl = __shfl_sync(0xFFFFFFFFu, il, j > 0 ? j - 1 : 0);
-  const uint32_t pt_j = j > 0 ? pt : 0u, pl_j = j > 0 ? pl : 0u;
-  d.digit = static_cast<uint32_t>(kBins - 1 - (g * 32 + j));
-  d.above = g_above + pt_j;
-  d.at = it_j - pt_j;
-  d.low_above = g_low + pl_j;
-  d.low_at = il_j - pl_j;
+  uint32_t above = w.t_above, lab = w.l_above;
+  Digit mine{0u, 0u, 0u, 0u, 0u};
+  bool found = false;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (above < want && above + w.t[j] >= want) {
+      found = true;
+      mine = Digit{static_cast<uint32_t>(kBins - 1 - (lane * 8 + j)), above, w.t[j], lab, w.l[j]};
+    }
+    above += w.t[j];
+    lab += w.l[j];
+  }
+  const int src = __ffs(__ballot_sync(0xFFFFFFFFu, found)) - 1;
+  Digit d;
+  d.digit = __shfl_sync(0xFFFFFFFFu, mine.digit, src);
+  d.above = __shfl_sync(0xFFFFFFFFu, mine.above, src);
+  d.at = __shfl_sync(0xFFFFFFFFu, mine.at, src);
+  d.low_above = __shfl_sync(0xFFFFFFFFu, mine.low_above, src);
+  d.low_at = __shfl_sync(0xFFFFFFFFu, mine.low_at, src);
   return d;
+}
+
+// Adds bin d (kNone: nothing) of every lane to hist. mode 0: one shared atomic per key; 1: lanes
+// holding the same bin add once (__match_any_sync); 2: the bins of the first two pending lanes are
+// added once each for every lane holding them (keys crowd into few bins), the rest one by one.
+__device__ __forceinline__ void hist_add(uint32_t* hist, uint32_t d, int mode) {
+  const int lane = threadIdx.x & 31;
+  if (mode == 2) {
+    unsigned pending = __ballot_sync(0xFFFFFFFFu, d != kNone);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (pending == 0u) return;  // uniform over the warp
+      const int leader = __ffs(pending) - 1;
+      const uint32_t ld = __shfl_sync(0xFFFFFFFFu, d, leader);
+      const unsigned same = __ballot_sync(0xFFFFFFFFu, d == ld);
+      if (lane == leader) atomicAdd(&hist[ld], static_cast<unsigned>(__popc(same)));
+      pending &= ~same;
+    }
+    if ((pending >> lane) & 1u) atomicAdd(&hist[d], 1u);
+  } else if (mode == 1) {
+    const unsigned peers = __match_any_sync(0xFFFFFFFFu, d);
+    if (d != kNone && lane == __ffs(peers) - 1) atomicAdd(&hist[d], static_cast<unsigned>(__popc(peers)));
+  } else if (d != kNone) {
+    atomicAdd(&hist[d], 1u);
+  }
 }
 
 // Cluster-wide: for each target q < NT, the top min(c[q], keys above -inf) keys of the row whose
@@ -145,13 +207,15 @@ __device__ __forceinline__ Digit warp_locate(const uint32_t* inc_tot, const uint
 // be readable by every thread after the first block barrier here (callers may cache them right
 // before the call). Afterwards other blocks may still read this block's `sh` until they pass one
 // more cluster barrier (the caller arrives after this call and waits before exiting).
-// Per pass: one cluster barrier and one block barrier. Every block sees the same summed histograms,
-// so every decision below is uniform over the cluster. A target stops early when its cut falls on
-// a bin boundary (every key of the chosen bin is taken); two targets share one histogram while
-// their prefixes agree. aggregate: lanes holding the same digit add once (__match_any_sync).
+// Per pass: one row barrier (cluster, or block for one-block rows) and, in clusters, one block
+// barrier after summing the histograms of all blocks. Every block sees the same summed histograms,
+// so every decision below is uniform over the cluster; every warp locates the digit itself. A target
+// stops early when its cut falls on a bin boundary (every key of the chosen bin is taken); two
+// targets share one histogram while their prefixes agree. mode: hist_add. passes < 4 stops early
+// (timing experiments only: the cuts are then incomplete).
 template <int NT, typename KeyAt>
 __device__ void cluster_cut(KeyAt key_at, int n_local, const uint32_t (&c)[NT], SharedT<NT>& sh, Cut (&cut)[NT],
-                            bool aggregate) {
+                            int mode, int passes = 4) {
   static_assert(NT >= 1 && NT <= kMaxTargets, "one or two targets");
   Cluster cluster = this_cluster();
   const unsigned G = cluster.num_blocks(), rank = cluster.block_rank();
@@ -165,14 +229,15 @@ __device__ void cluster_cut(KeyAt key_at, int n_local, const uint32_t (&c)[NT], 
     rem[q] = 0u;
     active[q] = true;
   }
+  // buffers 0 and 1 now; buffer (p + 2) % 3 after the row barrier of pass p: its last readers
+  // (pass p - 1) are past that barrier, its next writers (pass p + 2) behind the next one
   for (int i = tid; i < 2 * NT * kBins; i += blockDim.x) (&sh.hist[0][0][0])[i] = 0u;
   __syncthreads();
   uint32_t mask = 0;
-  for (int pass = 0; pass < 4; ++pass) {
+  for (int pass = 0; pass < passes; ++pass) {
     const int shift = 24 - 8 * pass;
-    const int buf = pass & 1;
+    const int buf = pass % 3;
     // histogram slot of each target: target 1 reads target 0's while their prefixes agree
-    // (slot 0 is built for target 0, slot 1 for target 1 when it reads its own)
     int slot[NT];
     bool built[NT];
 #pragma unroll
@@ -180,6 +245,7 @@ __device__ void cluster_cut(KeyAt key_at, int n_local, const uint32_t (&c)[NT], 
       slot[q] = q == 1 && active[0] && prefix[0] == prefix[1] ? 0 : q;
       built[q] = active[q] && slot[q] == q;
     }
+    uint32_t* hist = &sh.hist[buf][0][0];
     for (int base = warp * 32; base < n_local; base += nwarps * 32) {
       const int i = base + lane;
       uint32_t d = kNone;
@@ -191,71 +257,53 @@ __device__ void cluster_cut(KeyAt key_at, int n_local, const uint32_t (&c)[NT], 
             if (built[q] && (key & mask) == prefix[q]) d = static_cast<uint32_t>(q * kBins) + ((key >> shift) & 0xFFu);
         }
       }
-      uint32_t* hist = &sh.hist[buf][0][0];
-      if (aggregate) {
-        const unsigned peers = __match_any_sync(0xFFFFFFFFu, d);
-        if (d != kNone && lane == __ffs(peers) - 1) atomicAdd(&hist[d], static_cast<unsigned>(__popc(peers)));
-      } else if (d != kNone) {
-        atomicAdd(&hist[d], 1u);
-      }
+      hist_add(hist, d, mode);
     }
     row_sync(cluster, G);  // every block's histograms of this pass are complete
-    for (int q = tid; q < NT * kBins; q += blockDim.x) {
-      const int s = q / kBins, t = q % kBins, bin = kBins - 1 - t;  // t-th bin from the top
-      // the buffer of the next pass was last read by other blocks before the barrier above
-      sh.hist[buf ^ 1][s][bin] = 0u;
-      bool use = false;
+    for (int i = tid; i < NT * kBins; i += blockDim.x) (&sh.hist[(pass + 2) % 3][0][0])[i] = 0u;
+    if (G > 1) {
+      for (int q = tid; q < NT * kBins; q += blockDim.x) {
+        const int s = q / kBins, bin = q % kBins;
+        bool use = false;
 #pragma unroll
-      for (int k = 0; k < NT; ++k) use = use || (k == s && built[k]);
-      if (!use) continue;  // uniform over the warp (kBins is a multiple of 32)
-      uint32_t tot = 0, low = 0;
-      if (G == 1) {
-        tot = sh.hist[buf][s][bin];
-      } else {
+        for (int k = 0; k < NT; ++k) use = use || (k == s && built[k]);
+        if (!use) continue;
         uint32_t v[kMaxCluster];  // every remote load in flight at once
 #pragma unroll
         for (int r = 0; r < kMaxCluster; ++r)
           v[r] = r < static_cast<int>(G) ? *cluster.map_shared_rank(&sh.hist[buf][s][bin], r) : 0u;
+        uint32_t tot = 0, low = 0;
 #pragma unroll
         for (int r = 0; r < kMaxCluster; ++r) {
           tot += v[r];
           low += r < static_cast<int>(rank) ? v[r] : 0u;
         }
+        sh.sum_tot[s][bin] = tot;
+        sh.sum_low[s][bin] = low;
       }
-      const uint32_t ti = warp_inclusive_scan(tot, lane), li = warp_inclusive_scan(low, lane);
-      sh.inc_tot[s][t] = ti;
-      sh.inc_low[s][t] = li;
-      if (lane == 31) {
-        sh.grp_tot[s][t >> 5] = ti;
-        sh.grp_low[s][t >> 5] = li;
-      }
+      __syncthreads();
     }
-    __syncthreads();
     bool more = false;
 #pragma unroll
     for (int q = 0; q < NT; ++q) {
       if (!active[q]) continue;
       const int s = slot[q];
-      const uint32_t* it = sh.inc_tot[s];
-      const uint32_t* il = sh.inc_low[s];
-      const uint32_t* gt = sh.grp_tot[s];
-      const uint32_t* gl = sh.grp_low[s];
+      const WarpBins wb = G > 1 ? warp_bins(sh.sum_tot[s], sh.sum_low[s]) : warp_bins(sh.hist[buf][s], nullptr);
       if (pass == 0) {  // the histogram of pass 0 holds every key above -inf
-        const Digit all = warp_locate(it, il, gt, gl, 0u);
-        cut[q].take = min(c[q], all.total);
+        cut[q].take = min(c[q], wb.total);
         if (cut[q].take == 0) {  // nothing is taken
           active[q] = false;
           continue;
         }
-        if (cut[q].take == all.total) {  // everything above -inf is taken
+        if (cut[q].take == wb.total) {  // everything above -inf is taken
           cut[q].key = kNegInfKey;
-          cut[q].g_before = all.total_low;
+          cut[q].g_before = wb.total_low;
           active[q] = false;
           continue;
         }
         rem[q] = cut[q].take;
       }
-      const Digit d = warp_locate(it, il, gt, gl, rem[q]);
+      const Digit d = warp_find(wb, rem[q]);
       const uint32_t p = prefix[q] | (d.digit << shift);
       if (d.at == rem[q] - d.above && p > kNegInfKey) {  // the whole bin is taken: exactly the keys >= p
         cut[q].key = p - 1u;
@@ -282,10 +330,10 @@ __device__ void cluster_cut(KeyAt key_at, int n_local, const uint32_t (&c)[NT], 
 
 // One target: the top min(c, keys above -inf) keys (see above).
 template <typename KeyAt>
-__device__ Cut cluster_cut(KeyAt key_at, int n_local, uint32_t c, Shared& sh, bool aggregate) {
+__device__ Cut cluster_cut(KeyAt key_at, int n_local, uint32_t c, Shared& sh, int mode, int passes = 4) {
   const uint32_t cs[1] = {c};
   Cut cut[1];
-  cluster_cut<1>(key_at, n_local, cs, sh, cut, aggregate);
+  cluster_cut<1>(key_at, n_local, cs, sh, cut, mode, passes);
   return cut[0];
 }
 
@@ -423,7 +471,7 @@ struct RowClusters {
   std::size_t extra = 0;
   std::size_t dyn_bytes = 0;
   bool cached = false;
-  bool aggregate = true;
+  int mode = 2;  // hist_add
 };
 
 inline RowClusters plan_row_clusters(int64_t rows, int64_t keys, int device, const char* op,
@@ -435,7 +483,7 @@ inline RowClusters plan_row_clusters(int64_t rows, int64_t keys, int device, con
   p.chunk = static_cast<int>((keys + p.G - 1) / p.G);
   const int threads = env_int("MIXKV_SEL_THREADS", 0);
   p.threads = threads > 0 ? static_cast<unsigned>(threads) : (p.chunk > 1024 ? 512u : 256u);
-  p.aggregate = env_int("MIXKV_SEL_AGG", 1) != 0;
+  p.mode = env_int("MIXKV_SEL_AGG", 2);
   p.extra = (extra + 15) / 16 * 16;
   const std::size_t optin = static_cast<std::size_t>(smem_optin(device));
   require(p.extra + static_bytes + 1024 <= optin, op, ": too many kv heads for the shared memory of one block");

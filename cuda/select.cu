@@ -32,7 +32,8 @@ struct SelectArgs {
   int32_t* counts;
   int64_t n_b, n_h;
   int H, P, C;
-  bool aggregate;
+  int mode;   // csel::hist_add
+  int stop;   // timing experiments: 0 after loading, 1-4 after that many passes, 5 before the padding
 };
 
 // One cluster of G blocks per (b, h) row; block r of the cluster holds positions
@@ -49,6 +50,7 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
   const float* src = a.scores + b * a.s_b + h * a.s_h + lo;
   int32_t* out = a.positions + b * a.p_b + h * a.p_h;
   if constexpr (kCached) csel::load_keys<8>(src, n_local, cached_keys);
+  if (a.stop == 0) return;
   auto key_at = [&](int i) -> uint32_t {
     if constexpr (kCached) {
       return cached_keys[i];
@@ -58,9 +60,13 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
   };
   const int cap = a.caps[b * a.c_b + h * a.c_h];
   const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(a.P, a.C)));
-  const csel::Cut cut = csel::cluster_cut(key_at, n_local, c, sh, a.aggregate);
+  const csel::Cut cut = csel::cluster_cut(key_at, n_local, c, sh, a.mode, a.stop < 4 ? a.stop : 4);
   if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on
-  csel::emit_in_order(key_at, n_local, cut, sh, [&](uint32_t slot, int i) { out[slot] = lo + i; });
+  if (a.stop >= 5) csel::emit_in_order(key_at, n_local, cut, sh, [&](uint32_t slot, int i) { out[slot] = lo + i; });
+  if (a.stop <= 5) {
+    if (G > 1) cluster.barrier_wait();
+    return;
+  }
   const int stride = G * static_cast<int>(blockDim.x);
   for (int i = static_cast<int>(cut.take) + rank * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
        i < a.C; i += stride)
@@ -85,10 +91,11 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
   SelectArgs a{scores.ptr<float>(), scores.stride[0], scores.stride[1], capacities.ptr<int32_t>(),
                capacities.stride[0], capacities.stride[1], positions.ptr<int32_t>(), positions.stride[0],
                positions.stride[1], counts.ptr<int32_t>(), counts.stride[0], counts.stride[1],
-               static_cast<int>(H), static_cast<int>(P), static_cast<int>(C), true};
+               static_cast<int>(H), static_cast<int>(P), static_cast<int>(C), 2, 99};
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const csel::RowClusters plan = csel::plan_row_clusters(rows, P, scores.device_id, "select", sizeof(csel::Shared));
-  a.aggregate = plan.aggregate;
+  a.mode = plan.mode;
+  a.stop = csel::env_int("MIXKV_SEL_STOP", 99);
   if (plan.cached) {
     csel::launch_row_clusters(plan, s, select_rows_kernel<true>, a, plan.chunk);
   } else {

@@ -1,8 +1,7 @@
 """Device time of select and AdaKV capacities alone (torch profiler) over a few row shapes.
 
---variants also sweeps launch settings read from the environment by the CUDA code
-(MIXKV_SELECT_MAX_CLUSTER and the tuning knobs listed in VARIANTS); --one-case runs one shape
-once per op (for ncu).
+--variants also runs every shape through the one-block path of devices before sm_90
+(MIXKV_SELECT_MAX_CLUSTER=1); --one-case runs two shapes once per op (for ncu).
 """
 
 from __future__ import annotations
@@ -28,17 +27,9 @@ SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (8, 32, 2000, 1056),
 )
 
-KNOBS = ("MIXKV_SELECT_MAX_CLUSTER", "MIXKV_SEL_PER_BLOCK", "MIXKV_SEL_THREADS", "MIXKV_SEL_AGG", "MIXKV_SEL_STOP")
-VARIANTS: tuple[dict[str, str], ...] = (
-    {},
-    {"MIXKV_SEL_AGG": "0"},
-    {"MIXKV_SEL_AGG": "1"},
-    {"MIXKV_SEL_PER_BLOCK": "2048"},
-    {"MIXKV_SELECT_MAX_CLUSTER": "16", "MIXKV_SEL_PER_BLOCK": "2048"},
-    {"MIXKV_SELECT_MAX_CLUSTER": "1"},
-)
-# select stopped after loading (0), after 1-4 radix passes, after the ordered write (5)
-STAGES = ("0", "1", "2", "3", "4", "5")
+KNOBS = ("MIXKV_SELECT_MAX_CLUSTER",)
+# MIXKV_SELECT_MAX_CLUSTER=1: the one-block path of devices before sm_90
+VARIANTS: tuple[dict[str, str], ...] = ({}, {"MIXKV_SELECT_MAX_CLUSTER": "1"})
 
 
 def device_us(fn: Callable[[], None], reps: int = 20) -> dict[str, float]:
@@ -100,15 +91,6 @@ def main() -> int:
                 times = device_us(fn)
                 parts = "  ".join(f"{short_name(k)}={v:.1f}" for k, v in times.items())
                 print(f"{label:<22} B={b} H={h} P={p} budget={budget} {name}: {sum(times.values()):.1f} us  {parts}")
-    if args.variants:
-        floor = device_us(lambda: torch.empty(4, dtype=torch.int32, device="cuda").fill_(1))
-        print(f"tiny fill kernel: {sum(floor.values()):.1f} us")
-        for stage in STAGES:
-            os.environ["MIXKV_SEL_STOP"] = stage
-            for shape in SHAPES[:3]:
-                times = device_us(ops_for(*shape)["select"])
-                b, h, p, _ = shape
-                print(f"select stopped at stage {stage}: B={b} H={h} P={p}: {sum(times.values()):.1f} us")
     for key in KNOBS:
         os.environ.pop(key, None)
     return 0

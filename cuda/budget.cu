@@ -106,7 +106,6 @@ struct AdaWork {
   uint32_t* counts;    // [B * H]: candidates kept per row
   float* candidates;   // [B * H, stride]: each row's top m scores (any order)
   int stride;          // min(H * base, P)
-  int mode;  // csel::hist_add
 };
 
 __host__ __device__ inline std::size_t align256(std::size_t x) { return (x + 255) / 256 * 256; }
@@ -141,7 +140,7 @@ __global__ void __launch_bounds__(512) adakv_top_kernel(BudgetArgs a, AdaWork w)
   c[0] = static_cast<uint32_t>(m64);
   if constexpr (NT == 2) c[1] = static_cast<uint32_t>(a.base);
   csel::Cut cut[NT];
-  csel::cluster_cut<NT>(key_at, n_local, c, sh, cut, w.mode);
+  csel::cluster_cut<NT>(key_at, kCached ? cached_keys : nullptr, n_local, c, sh, cut);
   if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on
   if constexpr (NT == 2) {
     // this block's sums, fixed order: per thread strided, then lanes, then warps in order
@@ -256,20 +255,13 @@ __global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork 
     }
   };
   const uint32_t k = static_cast<uint32_t>(a.base) * static_cast<uint32_t>(H);
-  const csel::Cut cut = csel::cluster_cut(key_at, n_local, k, sh, w.mode);
+  const csel::Cut cut = csel::cluster_cut(key_at, kCached ? keys : nullptr, n_local, k, sh);
   // keys of this chunk above / equal to the cut, per head
   if (cut.take > 0) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    for (int base = warp * 32; base < n_local; base += nwarps * 32) {
-      const int i = base + lane;
-      uint32_t d = csel::kNone;
-      if (i < n_local) {
-        const uint32_t key = key_at(i);
-        const uint32_t h = static_cast<uint32_t>((lo + i) / M);
-        if (key > cut.key) d = 2u * h;
-        else if (key == cut.key) d = 2u * h + 1u;
-      }
-      csel::hist_add(ge, d, 2);
+    for (int i = threadIdx.x; i < n_local; i += blockDim.x) {
+      const uint32_t key = key_at(i);
+      const int h = (lo + i) / M;
+      if (key >= cut.key) atomicAdd(&ge[2 * h + (key == cut.key ? 1 : 0)], 1u);
     }
   }
   csel::row_sync(cluster, static_cast<unsigned>(G));  // every block's counts are complete
@@ -370,7 +362,6 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   if (o.ada_normalize) {
     const csel::RowClusters top = csel::plan_row_clusters(cells, P, device, "capacities", sizeof(csel::SharedT<2>));
     w.top_blocks = top.G;
-    w.mode = top.mode;
     if (top.cached) {
       csel::launch_row_clusters(top, s, adakv_top_kernel<true, 2>, a, w);
     } else {
@@ -379,7 +370,6 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   } else {
     const csel::RowClusters top = csel::plan_row_clusters(cells, P, device, "capacities", sizeof(csel::SharedT<1>));
     w.top_blocks = top.G;
-    w.mode = top.mode;
     if (top.cached) {
       csel::launch_row_clusters(top, s, adakv_top_kernel<true, 1>, a, w);
     } else {

@@ -32,8 +32,6 @@ struct SelectArgs {
   int32_t* counts;
   int64_t n_b, n_h;
   int H, P, C;
-  int mode;   // csel::hist_add
-  int stop;   // timing experiments: 0 after loading, 1-4 after that many passes, 5 before the padding
 };
 
 // One cluster of G blocks per (b, h) row; block r of the cluster holds positions
@@ -49,8 +47,8 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
   const int lo = min(rank * chunk, a.P), n_local = min(lo + chunk, a.P) - lo;
   const float* src = a.scores + b * a.s_b + h * a.s_h + lo;
   int32_t* out = a.positions + b * a.p_b + h * a.p_h;
+  const int cap = a.caps[b * a.c_b + h * a.c_h];  // in flight while the keys load
   if constexpr (kCached) csel::load_keys<8>(src, n_local, cached_keys);
-  if (a.stop == 0) return;
   auto key_at = [&](int i) -> uint32_t {
     if constexpr (kCached) {
       return cached_keys[i];
@@ -58,15 +56,10 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
       return rx::order_key(src[i]);
     }
   };
-  const int cap = a.caps[b * a.c_b + h * a.c_h];
   const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(a.P, a.C)));
-  const csel::Cut cut = csel::cluster_cut(key_at, n_local, c, sh, a.mode, a.stop < 4 ? a.stop : 4);
+  const csel::Cut cut = csel::cluster_cut(key_at, kCached ? cached_keys : nullptr, n_local, c, sh);
   if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on
-  if (a.stop >= 5) csel::emit_in_order(key_at, n_local, cut, sh, [&](uint32_t slot, int i) { out[slot] = lo + i; });
-  if (a.stop <= 5) {
-    if (G > 1) cluster.barrier_wait();
-    return;
-  }
+  csel::emit_in_order(key_at, n_local, cut, sh, [&](uint32_t slot, int i) { out[slot] = lo + i; });
   const int stride = G * static_cast<int>(blockDim.x);
   for (int i = static_cast<int>(cut.take) + rank * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
        i < a.C; i += stride)
@@ -91,11 +84,9 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
   SelectArgs a{scores.ptr<float>(), scores.stride[0], scores.stride[1], capacities.ptr<int32_t>(),
                capacities.stride[0], capacities.stride[1], positions.ptr<int32_t>(), positions.stride[0],
                positions.stride[1], counts.ptr<int32_t>(), counts.stride[0], counts.stride[1],
-               static_cast<int>(H), static_cast<int>(P), static_cast<int>(C), 2, 99};
+               static_cast<int>(H), static_cast<int>(P), static_cast<int>(C)};
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const csel::RowClusters plan = csel::plan_row_clusters(rows, P, scores.device_id, "select", sizeof(csel::Shared));
-  a.mode = plan.mode;
-  a.stop = csel::env_int("MIXKV_SEL_STOP", 99);
   if (plan.cached) {
     csel::launch_row_clusters(plan, s, select_rows_kernel<true>, a, plan.chunk);
   } else {

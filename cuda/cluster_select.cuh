@@ -477,9 +477,14 @@ inline RowClusters plan_row_clusters(int64_t rows, int64_t keys, int device, con
 // Launches `kernel` (its cached or uncached variant, as p.cached says) over p.rows clusters.
 template <typename... KernelArgs, typename... Args>
 void launch_row_clusters(const RowClusters& p, cudaStream_t stream, void (*kernel)(KernelArgs...), Args... args) {
+  // never more threads than the function allows (instrumenting tools may lower the limit); every
+  // kernel here works with any multiple of 32 threads
+  cudaFuncAttributes fa{};
+  MIXKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  const unsigned limit = static_cast<unsigned>(fa.maxThreadsPerBlock) / 32u * 32u;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(p.rows * p.G));
-  cfg.blockDim = dim3(p.threads);
+  cfg.blockDim = dim3(limit >= 32u && limit < p.threads ? limit : p.threads);
   cfg.dynamicSmemBytes = p.dyn_bytes;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];

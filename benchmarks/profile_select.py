@@ -1,9 +1,14 @@
-"""Device time of select and AdaKV capacities alone (torch profiler) over a few row shapes."""
+"""Device time of select and AdaKV capacities alone (torch profiler) over a few row shapes.
+
+--variants also runs every shape through the one-block path of devices before sm_90
+(MIXKV_SELECT_MAX_CLUSTER=1); --one-case runs two shapes once per op (for ncu).
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -19,7 +24,12 @@ SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (1, 4, 2016, 64),
     (8, 32, 2000, 64),
     (1, 4, 31968, 1056),
+    (8, 32, 2000, 1056),
 )
+
+KNOBS = ("MIXKV_SELECT_MAX_CLUSTER",)
+# MIXKV_SELECT_MAX_CLUSTER=1: the one-block path of devices before sm_90
+VARIANTS: tuple[dict[str, str], ...] = ({}, {"MIXKV_SELECT_MAX_CLUSTER": "1"})
 
 
 def device_us(fn: Callable[[], None], reps: int = 20) -> dict[str, float]:
@@ -33,36 +43,56 @@ def device_us(fn: Callable[[], None], reps: int = 20) -> dict[str, float]:
     return {ev.key[:60]: ev.device_time_total / reps for ev in prof.key_averages() if ev.device_time_total > 0}
 
 
+def ops_for(b: int, h: int, p: int, budget: int) -> dict[str, Callable[[], None]]:
+    imp = torch.rand(b, h, p, device="cuda") ** 3
+    caps = torch.full((b, h), budget - WINDOW, dtype=torch.int32, device="cuda")
+    caps_ada = torch.empty_like(caps)
+    pos = torch.empty(b, h, p, dtype=torch.int32, device="cuda")
+    cnt = torch.empty_like(caps)
+    run_ada = functools.partial(
+        capacities_into,
+        "adakv",
+        imp,
+        budget=budget,
+        window=WINDOW,
+        layer_idx=3,
+        num_layers=8,
+        out=caps_ada,
+        validate=False,
+    )
+    return {"select": functools.partial(select_into, imp, caps, pos, cnt, validate=False), "adakv": run_ada}
+
+
+def short_name(key: str) -> str:
+    return key.split("(")[0].split("<")[0].split("::")[-1][-22:]
+
+
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variants", action="store_true")
+    parser.add_argument("--one-case", action="store_true")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("profile_select: no CUDA device")
         return 0
-    for b, h, p, budget in SHAPES:
-        imp = torch.rand(b, h, p, device="cuda") ** 3
-        caps = torch.empty(b, h, dtype=torch.int32, device="cuda")
-        caps_ada = torch.empty_like(caps)
-        pos = torch.empty(b, h, p, dtype=torch.int32, device="cuda")
-        cnt = torch.empty_like(caps)
-        caps.fill_(budget - WINDOW)
-
-        run_select = functools.partial(select_into, imp, caps, pos, cnt, validate=False)
-        run_ada = functools.partial(
-            capacities_into,
-            "adakv",
-            imp,
-            budget=budget,
-            window=WINDOW,
-            layer_idx=3,
-            num_layers=8,
-            out=caps_ada,
-            validate=False,
-        )
-
-        for name, fn in (("select", run_select), ("adakv", run_ada)):
-            times = device_us(fn)
-            parts = "  ".join(f"{k.split('(')[0].split('<')[0][-28:]}={v:.1f}" for k, v in times.items())
-            print(f"B={b} H={h} P={p} budget={budget} {name}: total {sum(times.values()):.1f} us  {parts}")
+    if args.one_case:  # each op once per shape, no warm-up (for ncu)
+        for shape in SHAPES[:2]:
+            for fn in ops_for(*shape).values():
+                fn()
+        torch.cuda.synchronize()
+        return 0
+    for variant in VARIANTS if args.variants else ({},):
+        for key in KNOBS:
+            os.environ.pop(key, None)
+        os.environ.update(variant)
+        label = ",".join(f"{k.split('_')[-1]}={v}" for k, v in variant.items()) or "default"
+        for b, h, p, budget in SHAPES:
+            for name, fn in ops_for(b, h, p, budget).items():
+                times = device_us(fn)
+                parts = "  ".join(f"{short_name(k)}={v:.1f}" for k, v in times.items())
+                print(f"{label:<22} B={b} H={h} P={p} budget={budget} {name}: {sum(times.values()):.1f} us  {parts}")
+    for key in KNOBS:
+        os.environ.pop(key, None)
     return 0
 
 

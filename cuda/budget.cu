@@ -1,8 +1,9 @@
 // CUDA budget policies. Closed-form policies use one thread per (b, h). AdaKV (layers from
 // `skip` on) takes two launches: a thread-block cluster per (b, h) row keeps the row's top
-// min(Hkv * base, P_b) scores as candidates and sums all its valid scores (float64); then one
-// block per sequence computes f_h from the candidates, radix-selects the k-th largest float32
-// scaled candidate over all heads and counts each head's slots (ties: lower head first).
+// min(Hkv * base, P_b) scores as candidates and, from the same radix passes, the float64 sums of
+// all its valid scores and of its top base ones; then a cluster per sequence computes f_h,
+// radix-selects the k-th largest float32 scaled candidate over all heads and counts each head's
+// slots (ties: lower head first).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -96,10 +97,12 @@ __global__ void closed_form_kernel(BudgetArgs a) {
 
 // AdaKV ranks through candidates. s = float32(double(A) * f_h) does not decrease as A grows, so
 // the s values of a head's top m = min(Hkv * base, P_b) scores by A are its m largest s values,
-// and every member of the global top Hkv * base lies among them; the top-base sum behind f_h is
-// a sum over them too. Slots won are counts per head, so ties inside one head need no order.
+// and every member of the global top Hkv * base lies among them. Slots won are counts per head, so
+// ties inside one head need no order, and ties across heads go to the lower head: the flat order
+// of the candidates (head-major) ranks them exactly like the flat index of the reference.
 struct AdaWork {
-  double* sums;        // [B * H]: float64 sum of each row's valid scores
+  double* parts;       // [B * H, kMaxCluster, 2]: per block of a row, float64 sums of all / top-base scores
+  int top_blocks;      // blocks per row of adakv_top_kernel
   uint32_t* counts;    // [B * H]: candidates kept per row
   float* candidates;   // [B * H, stride]: each row's top m scores (any order)
   int stride;          // min(H * base, P)
@@ -107,15 +110,17 @@ struct AdaWork {
 
 __host__ __device__ inline std::size_t align256(std::size_t x) { return (x + 255) / 256 * 256; }
 
-// One cluster per (b, h) row: the row's top m scores and the sum of all its valid scores.
-template <bool kCached>
+// One cluster per (b, h) row: the row's top m scores and, with normalize (NT = 2), the float64 sums
+// of all its valid scores and of its top base ones (a second cut of the same passes), per block.
+template <bool kCached, int NT>
 __global__ void __launch_bounds__(512) adakv_top_kernel(BudgetArgs a, AdaWork w) {
   extern __shared__ uint32_t cached_keys[];
-  __shared__ csel::Shared sh;
+  __shared__ csel::SharedT<NT> sh;
   csel::Cluster cluster = csel::this_cluster();
   const int G = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
   const int row = static_cast<int>(blockIdx.x) / G;
-  const int b = row / a.H, h = row % a.H;
+  const int b = row / a.H;
+  const int h = row % a.H;
   const int64_t pb64 = prefix_of(a, b);
   if (!adakv_ranks(a, pb64)) return;  // uniform over the cluster
   const int pb = static_cast<int>(pb64);
@@ -130,161 +135,175 @@ __global__ void __launch_bounds__(512) adakv_top_kernel(BudgetArgs a, AdaWork w)
       return rx::order_key(src[i]);
     }
   };
-  // this block's float64 sum, fixed order: per thread strided, then warps, then warp order
-  double part = 0.0;
-  for (int i = threadIdx.x; i < n_local; i += blockDim.x) part += static_cast<double>(rx::key_value(key_at(i)));
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) part += __shfl_down_sync(0xFFFFFFFFu, part, d);
-  if ((threadIdx.x & 31) == 0) sh.warp_sum[threadIdx.x >> 5] = part;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double sum = 0.0;
-    for (int wi = 0; wi < static_cast<int>(blockDim.x >> 5); ++wi) sum += sh.warp_sum[wi];
-    sh.block_sum = sum;  // read by rank 0 after the first cluster barrier inside cluster_cut
-  }
   const int64_t m64 = a.base * a.H < pb64 ? a.base * a.H : pb64;
-  const csel::Cut cut = csel::cluster_cut(key_at, n_local, static_cast<uint32_t>(m64), sh);
-  if (rank == 0 && threadIdx.x == 0) {
-    double total = 0.0;
-    for (int r = 0; r < G; ++r) total += *cluster.map_shared_rank(&sh.block_sum, r);
-    w.sums[row] = total;
-    w.counts[row] = cut.take;
+  uint32_t c[NT];
+  c[0] = static_cast<uint32_t>(m64);
+  if constexpr (NT == 2) c[1] = static_cast<uint32_t>(a.base);
+  csel::Cut cut[NT];
+  csel::cluster_cut<NT>(key_at, kCached ? cached_keys : nullptr, n_local, c, sh, cut);
+  if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on
+  if constexpr (NT == 2) {
+    // this block's sums, fixed order: per thread strided, then lanes, then warps in order
+    const uint32_t T = cut[1].key;
+    double all = 0.0, top = 0.0;
+    for (int i = threadIdx.x; i < n_local; i += blockDim.x) {
+      const uint32_t key = key_at(i);
+      const double v = static_cast<double>(rx::key_value(key));
+      all += v;
+      top += cut[1].take > 0 && key > T ? v : 0.0;
+    }
+    csel::block_sum2(all, top, sh);
+    if (threadIdx.x == 0) {
+      if (rank == 0 && cut[1].take_equal > 0)
+        top += static_cast<double>(cut[1].take_equal) * static_cast<double>(rx::key_value(T));
+      double* part = w.parts + (static_cast<int64_t>(row) * csel::kMaxCluster + rank) * 2;
+      part[0] = all;
+      part[1] = top;
+    }
   }
-  cluster.barrier_arrive();
+  if (rank == 0 && threadIdx.x == 0) w.counts[row] = cut[0].take;
   float* cand = w.candidates + static_cast<int64_t>(row) * w.stride;
-  csel::emit_in_order(key_at, n_local, cut, sh, [&](uint32_t slot, int i) { cand[slot] = rx::key_value(key_at(i)); });
-  cluster.barrier_wait();
+  csel::emit_in_order(key_at, n_local, cut[0], sh, [&](uint32_t slot, int i) { cand[slot] = rx::key_value(key_at(i)); });
+  if (G > 1) cluster.barrier_wait();
 }
 
-// Shared-memory layout of adakv_alloc_kernel for H heads and `cached` candidate values.
+// Shared-memory arrays of adakv_alloc_kernel ahead of its cached keys, H heads.
 struct AllocLayout {
-  std::size_t f, count, want, prefix, rem, greater, equal, hist, vals, bytes;
-  __host__ __device__ AllocLayout(int H, int stride, bool cached) {
+  std::size_t f, count, ge, g_sum, e_sum, bytes;
+  __host__ __device__ explicit AllocLayout(int H) {
     const std::size_t h = static_cast<std::size_t>(H);
     f = 0;
     count = f + 8 * h;
-    want = count + 4 * h;
-    prefix = want + 4 * h;
-    rem = prefix + 4 * h;
-    greater = rem + 4 * h;
-    equal = greater + 4 * h;
-    hist = equal + 4 * h;
-    vals = hist + 4 * h * csel::kBins;
-    bytes = vals + (cached ? 4 * h * static_cast<std::size_t>(stride) : 0);
+    ge = count + 4 * h;  // [H][2]: keys above / equal to the cut
+    g_sum = ge + 8 * h;
+    e_sum = g_sum + 4 * h;
+    bytes = (e_sum + 4 * h + 15) / 16 * 16;
   }
 };
 
-// One block per sequence: f_h from each head's candidates, then the global top H * base of the
-// scaled candidates, slots per head (ties to lower heads) and the capacities. Also writes the
-// capacities of sequences that do not rank (P_b <= base).
+// One cluster per sequence over its H * stride candidates (head-major; entries past a head's count
+// are padding): f_h from the per-block sums of adakv_top_kernel, the global top H * base of the
+// float32 scaled candidates (cluster_cut), slots per head (ties to lower heads) and the capacities.
+// Also writes the capacities of sequences that do not rank (P_b <= base).
 template <bool kCached>
-__global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork w) {
+__global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork w, int chunk) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int b = blockIdx.x, H = a.H, M = w.stride;
+  __shared__ csel::Shared sh;
+  csel::Cluster cluster = csel::this_cluster();
+  const int G = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  const int b = static_cast<int>(blockIdx.x) / G, H = a.H, M = w.stride;
   const int64_t pb64 = prefix_of(a, b);
-  if (!adakv_ranks(a, pb64)) {
-    for (int h = threadIdx.x; h < H; h += blockDim.x) a.out[b * a.o_b + h * a.o_h] = clamp_count(a.base, pb64);
+  if (!adakv_ranks(a, pb64)) {  // uniform over the cluster
+    if (rank == 0)
+      for (int h = threadIdx.x; h < H; h += blockDim.x) a.out[b * a.o_b + h * a.o_h] = clamp_count(a.base, pb64);
     return;
   }
-  const AllocLayout L(H, M, kCached);
+  const AllocLayout L(H);
   double* f = reinterpret_cast<double*>(smem + L.f);
   uint32_t* count = reinterpret_cast<uint32_t*>(smem + L.count);
-  uint32_t* want = reinterpret_cast<uint32_t*>(smem + L.want);
-  uint32_t* prefix = reinterpret_cast<uint32_t*>(smem + L.prefix);
-  uint32_t* rem = reinterpret_cast<uint32_t*>(smem + L.rem);
-  uint32_t* greater = reinterpret_cast<uint32_t*>(smem + L.greater);
-  uint32_t* equal = reinterpret_cast<uint32_t*>(smem + L.equal);
-  uint32_t* hist = reinterpret_cast<uint32_t*>(smem + L.hist);
-  float* vals = reinterpret_cast<float*>(smem + L.vals);
-  const float* cand = w.candidates + static_cast<int64_t>(b) * H * M;
-  const int base = static_cast<int>(a.base);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  uint32_t* ge = reinterpret_cast<uint32_t*>(smem + L.ge);
+  uint32_t* g_sum = reinterpret_cast<uint32_t*>(smem + L.g_sum);
+  uint32_t* e_sum = reinterpret_cast<uint32_t*>(smem + L.e_sum);
+  uint32_t* keys = reinterpret_cast<uint32_t*>(smem + L.bytes);
   for (int h = threadIdx.x; h < H; h += blockDim.x) {
-    count[h] = min(w.counts[b * H + h], static_cast<uint32_t>(M));
-    want[h] = a.normalize ? static_cast<uint32_t>(base) : 0u;
+    const int row = b * H + h;
+    count[h] = min(w.counts[row], static_cast<uint32_t>(M));
+    double fh = 1.0;
+    if (a.normalize) {
+      const double* part = w.parts + static_cast<int64_t>(row) * csel::kMaxCluster * 2;
+      double all = 0.0, top = 0.0;
+      for (int r = 0; r < w.top_blocks; ++r) {
+        all += part[2 * r];
+        top += part[2 * r + 1];
+      }
+      fh = all != 0.0 ? __ddiv_rn(top, all) : 1.0;
+    }
+    f[h] = fh;
+    ge[2 * h] = 0u;
+    ge[2 * h + 1] = 0u;
   }
   __syncthreads();
+  const int n_all = H * M;
+  const int lo = min(rank * chunk, n_all), n_local = min(lo + chunk, n_all) - lo;
+  const float* cand = w.candidates + static_cast<int64_t>(b) * H * M + lo;
+  auto scaled_key = [&](int i, float v) -> uint32_t {
+    const int h = (lo + i) / M;
+    if (lo + i - h * M >= static_cast<int>(count[h])) return 0u;  // padding: never counts
+    return rx::order_key(__double2float_rn(__dmul_rn(static_cast<double>(v), f[h])));
+  };
   if constexpr (kCached) {
-    for (int i = threadIdx.x; i < H * M; i += blockDim.x) {
-      const int h = i / M;
-      if (i - h * M < static_cast<int>(count[h])) vals[i] = cand[i];
-    }
-    __syncthreads();
-  }
-  auto value = [&](int h, int j) -> float {
-    if constexpr (kCached) {
-      return vals[h * M + j];
-    } else {
-      return cand[h * M + j];
-    }
-  };
-  // f_h: the base-th largest candidate of each head, then the top-base sum (one warp per head).
-  if (a.normalize)
-    csel::segmented_cut(
-        H, M,
-        [&](int h, int j) -> uint32_t { return j < static_cast<int>(count[h]) ? rx::order_key(value(h, j)) : 0u; },
-        want, prefix, rem, hist);
-  for (int h = warp; h < H; h += nwarps) {
-    if (!a.normalize) {
-      if (lane == 0) f[h] = 1.0;
-      continue;
-    }
-    const uint32_t T = prefix[h];
-    double top = 0.0;
-    for (int j = lane; j < static_cast<int>(count[h]); j += 32) {
-      const float v = value(h, j);
-      if (rx::order_key(v) > T) top += static_cast<double>(v);
-    }
+    constexpr int U = 4;
+    for (int base = threadIdx.x; base < n_local; base += blockDim.x * U) {
+      float v[U];
 #pragma unroll
-    for (int d = 16; d > 0; d >>= 1) top += __shfl_xor_sync(0xFFFFFFFFu, top, d);
-    if (lane == 0) {
-      if (T != csel::kNone) top += static_cast<double>(rem[h]) * static_cast<double>(rx::key_value(T));
-      const double total = w.sums[b * H + h];
-      f[h] = total != 0.0 ? __ddiv_rn(top, total) : 1.0;
+      for (int u = 0; u < U; ++u) {
+        const int i = base + u * blockDim.x;
+        v[u] = i < n_local ? cand[i] : 0.0f;  // padding entries hold stale values: masked below
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + u * blockDim.x;
+        if (i < n_local) keys[i] = scaled_key(i, v[u]);
+      }
     }
   }
-  __syncthreads();
-  // the global top H * base of the scaled candidates
-  auto scaled_key = [&](int h, int j) -> uint32_t {
-    if (j >= static_cast<int>(count[h])) return 0u;
-    return rx::order_key(__double2float_rn(__dmul_rn(static_cast<double>(value(h, j)), f[h])));
+  auto key_at = [&](int i) -> uint32_t {
+    if constexpr (kCached) {
+      return keys[i];
+    } else {
+      return scaled_key(i, cand[i]);
+    }
   };
-  const uint32_t k = static_cast<uint32_t>(base) * static_cast<uint32_t>(H);
-  if (threadIdx.x == 0) want[0] = k;
-  __syncthreads();
-  csel::segmented_cut(
-      1, H * M,
-      [&](int, int i) -> uint32_t {
-        const int h = i / M;
-        return scaled_key(h, i - h * M);
-      },
-      want, prefix, rem, hist);
-  const uint32_t T = prefix[0];
-  for (int h = warp; h < H; h += nwarps) {
-    uint32_t g = 0, e = 0;
-    for (int j = lane; j < static_cast<int>(count[h]); j += 32) {
-      const uint32_t key = scaled_key(h, j);
-      g += key > T ? 1u : 0u;
-      e += key == T ? 1u : 0u;
-    }
-    g = __reduce_add_sync(0xFFFFFFFFu, g);
-    e = __reduce_add_sync(0xFFFFFFFFu, e);
-    if (lane == 0) {
-      greater[h] = g;
-      equal[h] = e;
+  const uint32_t k = static_cast<uint32_t>(a.base) * static_cast<uint32_t>(H);
+  const csel::Cut cut = csel::cluster_cut(key_at, kCached ? keys : nullptr, n_local, k, sh);
+  // keys of this chunk above / equal to the cut, per head
+  if (cut.take > 0) {
+    for (int i = threadIdx.x; i < n_local; i += blockDim.x) {
+      const uint32_t key = key_at(i);
+      const int h = (lo + i) / M;
+      if (key >= cut.key) atomicAdd(&ge[2 * h + (key == cut.key ? 1 : 0)], 1u);
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const double floor_slots = floor(__dmul_rn(a.alpha, static_cast<double>(a.base)));
-    uint32_t equal_left = T != csel::kNone ? rem[0] : 0u;  // ties still to hand out, lower heads first
-    for (int h = 0; h < H; ++h) {
-      const uint32_t from_ties = equal[h] < equal_left ? equal[h] : equal_left;
-      equal_left -= from_ties;
-      const double won = static_cast<double>(greater[h] + from_ties);
-      a.out[b * a.o_b + h * a.o_h] = round_clamp(__dadd_rn(__dmul_rn(won, 1.0 - a.alpha), floor_slots), pb64);
+  csel::row_sync(cluster, static_cast<unsigned>(G));  // every block's counts are complete
+  if (rank == 0) {
+    for (int h = threadIdx.x; h < H; h += blockDim.x) {
+      uint32_t gs = 0, es = 0;
+      if (G == 1) {
+        gs = ge[2 * h];
+        es = ge[2 * h + 1];
+      } else {
+        for (int r = 0; r < G; ++r) {
+          gs += *cluster.map_shared_rank(&ge[2 * h], r);
+          es += *cluster.map_shared_rank(&ge[2 * h + 1], r);
+        }
+      }
+      g_sum[h] = gs;
+      e_sum[h] = es;
     }
   }
+  if (G > 1) cluster.barrier_arrive();  // rank 0 has read every block's counts
+  if (rank == 0) {
+    __syncthreads();
+    if (threadIdx.x < 32) {  // one warp hands out the ties, lower heads first
+      const int lane = threadIdx.x;
+      const double floor_slots = floor(__dmul_rn(a.alpha, static_cast<double>(a.base)));
+      uint32_t equal_before = 0;
+      const uint32_t ties = cut.take_equal;
+      for (int h0 = 0; h0 < H; h0 += 32) {
+        const int h = h0 + lane;
+        const uint32_t e = h < H ? e_sum[h] : 0u;
+        const uint32_t incl = csel::warp_inclusive_scan(e, lane);
+        const uint32_t before = equal_before + incl - e;
+        if (h < H) {
+          const uint32_t left = ties > before ? ties - before : 0u;
+          const double won = static_cast<double>(g_sum[h] + (e < left ? e : left));
+          a.out[b * a.o_b + h * a.o_h] = round_clamp(__dadd_rn(__dmul_rn(won, 1.0 - a.alpha), floor_slots), pb64);
+        }
+        equal_before += __shfl_sync(0xFFFFFFFFu, incl, 31);
+      }
+    }
+  }
+  if (G > 1) cluster.barrier_wait();  // the others may read this block's memory until they arrive
 }
 
 }  // namespace
@@ -334,35 +353,37 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   require(workspace.present, "capacities: adakv needs a workspace on CUDA");
   auto* ws = static_cast<unsigned char*>(workspace.data);
   AdaWork w{};
-  w.sums = reinterpret_cast<double*>(ws);
-  w.counts = reinterpret_cast<uint32_t*>(ws + align256(8 * static_cast<std::size_t>(cells)));
-  w.candidates = reinterpret_cast<float*>(ws + align256(8 * static_cast<std::size_t>(cells)) +
-                                          align256(4 * static_cast<std::size_t>(cells)));
+  const std::size_t parts_bytes = align256(16 * csel::kMaxCluster * static_cast<std::size_t>(cells));
+  w.parts = reinterpret_cast<double*>(ws);
+  w.counts = reinterpret_cast<uint32_t*>(ws + parts_bytes);
+  w.candidates = reinterpret_cast<float*>(ws + parts_bytes + align256(4 * static_cast<std::size_t>(cells)));
   w.stride = static_cast<int>(std::min<int64_t>(a.base * H, P));
-  const csel::RowClusters plan = csel::plan_row_clusters(cells, P, importance.device_id, "capacities");
-  if (plan.cached) {
-    csel::launch_row_clusters(plan, s, adakv_top_kernel<true>, a, w);
+  const int device = importance.device_id;
+  if (o.ada_normalize) {
+    const csel::RowClusters top = csel::plan_row_clusters(cells, P, device, "capacities", sizeof(csel::SharedT<2>));
+    w.top_blocks = top.G;
+    if (top.cached) {
+      csel::launch_row_clusters(top, s, adakv_top_kernel<true, 2>, a, w);
+    } else {
+      csel::launch_row_clusters(top, s, adakv_top_kernel<false, 2>, a, w);
+    }
   } else {
-    csel::launch_row_clusters(plan, s, adakv_top_kernel<false>, a, w);
+    const csel::RowClusters top = csel::plan_row_clusters(cells, P, device, "capacities", sizeof(csel::SharedT<1>));
+    w.top_blocks = top.G;
+    if (top.cached) {
+      csel::launch_row_clusters(top, s, adakv_top_kernel<true, 1>, a, w);
+    } else {
+      csel::launch_row_clusters(top, s, adakv_top_kernel<false, 1>, a, w);
+    }
   }
-  const int optin = csel::smem_optin(importance.device_id);
-  // one block per sequence; candidate values cached in shared memory when they fit
-  const AllocLayout with_vals(static_cast<int>(H), w.stride, true), without_vals(static_cast<int>(H), w.stride, false);
-  const bool alloc_cached = with_vals.bytes <= std::min<std::size_t>(96 * 1024, static_cast<std::size_t>(optin));
-  const std::size_t alloc_bytes = alloc_cached ? with_vals.bytes : without_vals.bytes;
-  require(alloc_bytes <= static_cast<std::size_t>(optin), "capacities: adakv on CUDA supports at most ",
-          (optin - 1024) / (4 * csel::kBins + 32), " kv heads");
-  const int alloc_threads = H * w.stride > 4096 ? 512 : 256;
-  if (alloc_cached) {
-    if (alloc_bytes > 48 * 1024)
-      MIXKV_CUDA_CHECK(cudaFuncSetAttribute(adakv_alloc_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(alloc_bytes)));
-    adakv_alloc_kernel<true><<<static_cast<unsigned>(B), alloc_threads, alloc_bytes, s>>>(a, w);
+  MIXKV_CUDA_CHECK_LAUNCH();
+  // one cluster per sequence over its H * stride candidates
+  const csel::RowClusters alloc = csel::plan_row_clusters(B, H * static_cast<int64_t>(w.stride), device, "capacities",
+                                                          sizeof(csel::Shared), AllocLayout(static_cast<int>(H)).bytes);
+  if (alloc.cached) {
+    csel::launch_row_clusters(alloc, s, adakv_alloc_kernel<true>, a, w, alloc.chunk);
   } else {
-    if (alloc_bytes > 48 * 1024)
-      MIXKV_CUDA_CHECK(cudaFuncSetAttribute(adakv_alloc_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(alloc_bytes)));
-    adakv_alloc_kernel<false><<<static_cast<unsigned>(B), alloc_threads, alloc_bytes, s>>>(a, w);
+    csel::launch_row_clusters(alloc, s, adakv_alloc_kernel<false>, a, w, alloc.chunk);
   }
   MIXKV_CUDA_CHECK_LAUNCH();
 }

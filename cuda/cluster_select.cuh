@@ -1,13 +1,14 @@
 // Top-k building blocks spread over a thread-block cluster (sm_90): one row of keys is split into
-// consecutive chunks, one per block of the cluster (block rank order = position order). A
-// four-pass (8-bit digit) radix select finds the k-th largest key of the whole row: each pass
+// consecutive chunks, one per block of the cluster (block rank order = position order). A radix
+// select (8-bit digits, at most four passes) finds the k-th largest key of the whole row: each pass
 // builds a per-block histogram in shared memory, and after one cluster barrier every block sums
 // the histograms of all blocks (distributed shared memory) and picks the same digit. Integer
 // counts only: the result does not depend on timing. Blocks also learn how many chosen keys lie in
 // lower-ranked blocks, so that each writes its own chosen entries in position order without a
-// further exchange.
+// further exchange. Up to two cuts (two different k) of the same row come out of one set of passes.
 //
-// Also a block-level select of several segments at once (one histogram per segment).
+// Rows of up to kKeysPerBlock keys take one block and no cluster (block barriers only); that is
+// also the only shape before sm_90, where a one-block stand-in replaces the cluster.
 // Every function must be called by all threads of the block (and of the cluster where it says so).
 #pragma once
 
@@ -17,6 +18,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
 #include "cuda_check.cuh"
 #include "mixkv/error.hpp"
@@ -29,13 +31,16 @@ using radix::key_value;
 using radix::kNegInfKey;
 using radix::order_key;
 
-constexpr int kBins = 256;  // 8-bit digits, four passes
+constexpr int kBins = 256;  // 8-bit digits, at most four passes
+constexpr int kGroups = kBins / 32;
 constexpr int kMaxWarps = 32;
-constexpr int kMaxCluster = 8;  // portable cluster size
+constexpr int kPortableCluster = 8;
+constexpr int kMaxCluster = 16;  // above 8: non-portable cluster sizes (sm_90 allows 16)
+constexpr int kMaxTargets = 2;
 constexpr uint32_t kNone = 0xFFFFFFFFu;
 
 // Thread-block clusters exist from sm_90 on. Device passes for older targets compile the same
-// kernels against a one-block stand-in, and the host launches one-block "clusters" on such devices
+// kernels against a one-block stand-in, and the host launches one block per row on such devices
 // (cluster_blocks), so every architecture of the build runs the same algorithm.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 struct Cluster {
@@ -53,25 +58,25 @@ using Cluster = cg::cluster_group;
 __device__ inline Cluster this_cluster() { return cg::this_cluster(); }
 #endif
 
-// Blocks per row-cluster: about 1k keys per block, up to kMaxCluster; 1 before sm_90.
-inline int cluster_blocks(int64_t keys, int device) {
-  int major = 0;
-  MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major < 9) return 1;
-  const int64_t want = (keys + 1023) / 1024;
-  return static_cast<int>(want < 1 ? 1 : (want > kMaxCluster ? kMaxCluster : want));
+// A barrier over the blocks of a row: the cluster's, or the block's when the row has one block.
+__device__ __forceinline__ void row_sync(const Cluster& cluster, unsigned G) {
+  if (G > 1) {
+    cluster.sync();
+  } else {
+    __syncthreads();
+  }
 }
 
-struct Shared {
-  uint32_t hist[2][kBins];  // this block's histogram, double-buffered across passes
-  uint32_t red_tot[kBins];  // summed over the cluster
-  uint32_t red_low[kBins];  // summed over lower-ranked blocks
+template <int NT>
+struct alignas(16) SharedT {
+  uint32_t hist[3][NT][kBins];  // this block's histograms (one per target), one buffer per pass mod 3
+  uint32_t sum_tot[NT][kBins];  // summed over the cluster (clusters of more than one block)
+  uint32_t sum_low[NT][kBins];  // the same over lower-ranked blocks only
   uint32_t warp_g[kMaxWarps];
   uint32_t warp_e[kMaxWarps];
-  double warp_sum[kMaxWarps];
-  double block_sum;  // read by other blocks of the cluster
-  uint32_t digit, rem, g_low, e_low, total, total_low;
+  double warp_sum[2][kMaxWarps];
 };
+using Shared = SharedT<1>;
 
 // Where the top `take` keys of a row end: every key above `key` is taken, and the first
 // `take_equal` keys equal to it in position order. g_before / e_before: keys above / equal to `key`
@@ -93,135 +98,235 @@ __device__ __forceinline__ uint32_t warp_inclusive_scan(uint32_t v, int lane) {
   return v;
 }
 
-// One warp: scanning the bins from the top, the bin where the running count first reaches
-// `want` (1 <= want <= total of tot[]). Lane l owns the bins of descending ranks [8l, 8l + 8).
-// The one lane that finds it sets digit, rem = want - (count above the bin), and, when `low` is
-// given, low_above = sum of low[] above the bin and low_at = low[bin]. Returns the total of tot[]
-// (and of low[] in total_low) on every lane.
-__device__ __forceinline__ uint32_t warp_find_digit(const uint32_t* tot, const uint32_t* low, uint32_t want,
-                                                    uint32_t& total_low, uint32_t& digit, uint32_t& rem,
-                                                    uint32_t& low_above, uint32_t& low_at, bool& found) {
-  const int lane = threadIdx.x & 31;
-  uint32_t t8[8], l8[8], ts = 0, ls = 0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int bin = kBins - 1 - (lane * 8 + j);
-    t8[j] = tot[bin];
-    l8[j] = low != nullptr ? low[bin] : 0u;
-    ts += t8[j];
-    ls += l8[j];
-  }
-  const uint32_t ti = warp_inclusive_scan(ts, lane), li = warp_inclusive_scan(ls, lane);
-  const uint32_t total = __shfl_sync(0xFFFFFFFFu, ti, 31);
-  total_low = __shfl_sync(0xFFFFFFFFu, li, 31);
-  uint32_t above = ti - ts, lab = li - ls;
-  found = false;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    if (want > 0 && above < want && above + t8[j] >= want) {
-      found = true;
-      digit = static_cast<uint32_t>(kBins - 1 - (lane * 8 + j));
-      rem = want - above;
-      low_above = lab;
-      low_at = l8[j];
-    }
-    above += t8[j];
-    lab += l8[j];
-  }
-  return total;
+// Histogram of 256 bins as one warp sees it: lane l holds the bins of ranks [8l, 8l + 8) from the
+// top (t[j]: rank 8l + j), and the counts above its first bin.
+struct WarpBins {
+  uint32_t t[8], l[8];
+  uint32_t t_above, l_above, total, total_low;
+};
+
+__device__ __forceinline__ void load8_desc(const uint32_t* bins, int lane, uint32_t (&v)[8]) {
+  const uint4 hi = *reinterpret_cast<const uint4*>(bins + kBins - 4 - 8 * lane);
+  const uint4 lo = *reinterpret_cast<const uint4*>(bins + kBins - 8 - 8 * lane);
+  v[0] = hi.w;
+  v[1] = hi.z;
+  v[2] = hi.y;
+  v[3] = hi.x;
+  v[4] = lo.w;
+  v[5] = lo.z;
+  v[6] = lo.y;
+  v[7] = lo.x;
 }
 
-// Cluster-wide: the top min(c, keys above -inf) keys of the row whose chunk in this block is
-// key_at(0 .. n_local-1). Keys <= order_key(-inf) never count. blockDim.x must be a multiple of 32
-// and at least kBins. Every block of the cluster must call it with the same c. Afterwards other
-// blocks may still read this block's `sh` until they pass one more cluster barrier (the caller
-// arrives after this call and waits before exiting).
-template <typename KeyAt>
-__device__ Cut cluster_cut(KeyAt key_at, int n_local, uint32_t c, Shared& sh) {
+// tot / low: 16-byte aligned arrays of kBins counts; low may be null (all zero).
+__device__ __forceinline__ WarpBins warp_bins(const uint32_t* tot, const uint32_t* low) {
+  const int lane = threadIdx.x & 31;
+  WarpBins w;
+  load8_desc(tot, lane, w.t);
+  if (low != nullptr) {
+    load8_desc(low, lane, w.l);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) w.l[j] = 0u;
+  }
+  uint32_t ts = 0, ls = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    ts += w.t[j];
+    ls += w.l[j];
+  }
+  const uint32_t ti = warp_inclusive_scan(ts, lane), li = warp_inclusive_scan(ls, lane);
+  w.t_above = ti - ts;
+  w.l_above = li - ls;
+  w.total = __shfl_sync(0xFFFFFFFFu, ti, 31);
+  w.total_low = __shfl_sync(0xFFFFFFFFu, li, 31);
+  return w;
+}
+
+struct Digit {
+  uint32_t digit;      // the bin where the running count from the top first reaches `want`
+  uint32_t above;      // keys in higher bins
+  uint32_t at;         // keys in the bin
+  uint32_t low_above;  // the same two, counting lower-ranked blocks only
+  uint32_t low_at;
+};
+
+// Every lane gets the same answer; 1 <= want <= w.total.
+__device__ __forceinline__ Digit warp_find(const WarpBins& w, uint32_t want) {
+  const int lane = threadIdx.x & 31;
+  uint32_t above = w.t_above, lab = w.l_above;
+  Digit mine{0u, 0u, 0u, 0u, 0u};
+  bool found = false;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (above < want && above + w.t[j] >= want) {
+      found = true;
+      mine = Digit{static_cast<uint32_t>(kBins - 1 - (lane * 8 + j)), above, w.t[j], lab, w.l[j]};
+    }
+    above += w.t[j];
+    lab += w.l[j];
+  }
+  const int src = __ffs(__ballot_sync(0xFFFFFFFFu, found)) - 1;
+  Digit d;
+  d.digit = __shfl_sync(0xFFFFFFFFu, mine.digit, src);
+  d.above = __shfl_sync(0xFFFFFFFFu, mine.above, src);
+  d.at = __shfl_sync(0xFFFFFFFFu, mine.at, src);
+  d.low_above = __shfl_sync(0xFFFFFFFFu, mine.low_above, src);
+  d.low_at = __shfl_sync(0xFFFFFFFFu, mine.low_at, src);
+  return d;
+}
+
+// Cluster-wide: for each target q < NT, the top min(c[q], keys above -inf) keys of the row whose
+// chunk in this block is key_at(0 .. n_local-1). Keys <= order_key(-inf) never count. blockDim.x
+// must be a multiple of 32. Every block of the cluster must call it with the same c[]. The keys must
+// be readable by every thread after the first block barrier here (callers may cache them right
+// before the call). Afterwards other blocks may still read this block's `sh` until they pass one
+// more cluster barrier (the caller arrives after this call and waits before exiting).
+// Per pass: one row barrier (cluster, or block for one-block rows) and, in clusters, one block
+// barrier after summing the histograms of all blocks. Every block sees the same summed histograms,
+// so every decision below is uniform over the cluster; every warp locates the digit itself. A target
+// stops early when its cut falls on a bin boundary (every key of the chosen bin is taken); two
+// targets share one histogram while their prefixes agree. Histograms take one shared atomic per
+// counted key (measured faster than warp aggregation, __match_any_sync or ballots, on sm_90).
+// cached: the chunk's keys in shared memory (16-byte aligned; read four at a time), or null.
+template <int NT, typename KeyAt>
+__device__ void cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, const uint32_t (&c)[NT],
+                            SharedT<NT>& sh, Cut (&cut)[NT]) {
+  static_assert(NT >= 1 && NT <= kMaxTargets, "one or two targets");
   Cluster cluster = this_cluster();
   const unsigned G = cluster.num_blocks(), rank = cluster.block_rank();
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-  uint32_t prefix = 0, mask = 0, rem = 0;
-  Cut cut{kNone, 0u, 0u, 0u, 0u};
+  const int tid = threadIdx.x;
+  uint32_t prefix[NT], rem[NT];
+  bool active[NT];
+#pragma unroll
+  for (int q = 0; q < NT; ++q) {
+    cut[q] = Cut{kNone, 0u, 0u, 0u, 0u};
+    prefix[q] = 0u;
+    rem[q] = 0u;
+    active[q] = true;
+  }
+  // buffers 0 and 1 now; buffer (p + 2) % 3 after the row barrier of pass p: its last readers
+  // (pass p - 1) are past that barrier, its next writers (pass p + 2) behind the next one
+  for (int i = tid; i < 2 * NT * kBins; i += blockDim.x) (&sh.hist[0][0][0])[i] = 0u;
+  __syncthreads();
+  uint32_t mask = 0;
   for (int pass = 0; pass < 4; ++pass) {
     const int shift = 24 - 8 * pass;
-    uint32_t* hist = sh.hist[pass & 1];
-    for (int i = tid; i < kBins; i += blockDim.x) hist[i] = 0u;
-    __syncthreads();
-    // Lanes holding the same digit add once (keys share their top bits often).
-    for (int base = warp * 32; base < n_local; base += nwarps * 32) {
-      const int i = base + lane;
-      uint32_t d = kNone;
-      if (i < n_local) {
-        const uint32_t key = key_at(i);
-        if (key > kNegInfKey && (key & mask) == prefix) d = (key >> shift) & 0xFFu;
-      }
-      const unsigned peers = __match_any_sync(0xFFFFFFFFu, d);
-      if (d != kNone && lane == __ffs(peers) - 1) atomicAdd(&hist[d], static_cast<unsigned>(__popc(peers)));
+    const int buf = pass % 3;
+    // histogram slot of each target: target 1 reads target 0's while their prefixes agree
+    int slot[NT];
+    bool built[NT];
+#pragma unroll
+    for (int q = 0; q < NT; ++q) {
+      slot[q] = q == 1 && active[0] && prefix[0] == prefix[1] ? 0 : q;
+      built[q] = active[q] && slot[q] == q;
     }
-    cluster.sync();
-    if (tid < kBins) {
-      uint32_t tot = 0, low = 0;
-      for (unsigned r = 0; r < G; ++r) {
-        const uint32_t v = cluster.map_shared_rank(hist, static_cast<int>(r))[tid];
-        tot += v;
-        low += r < rank ? v : 0u;
+    uint32_t* hist = &sh.hist[buf][0][0];
+    auto count = [&](uint32_t key) {
+      if (key <= kNegInfKey) return;
+#pragma unroll
+      for (int q = 0; q < NT; ++q)
+        if (built[q] && (key & mask) == prefix[q]) {
+          atomicAdd(&hist[q * kBins + ((key >> shift) & 0xFFu)], 1u);
+          return;  // prefixes of built slots differ: a key counts once
+        }
+    };
+    if (cached != nullptr) {
+      const int n4 = n_local >> 2;
+      const uint4* k4 = reinterpret_cast<const uint4*>(cached);
+      for (int i = tid; i < n4; i += blockDim.x) {
+        const uint4 v = k4[i];
+        count(v.x);
+        count(v.y);
+        count(v.z);
+        count(v.w);
       }
-      sh.red_tot[tid] = tot;
-      sh.red_low[tid] = low;
+      for (int i = 4 * n4 + tid; i < n_local; i += blockDim.x) count(cached[i]);
+    } else {
+      for (int i = tid; i < n_local; i += blockDim.x) count(key_at(i));
     }
-    __syncthreads();
-    if (warp == 0) {
-      uint32_t total_low = 0, digit = 0, r = 0, low_above = 0, low_at = 0;
-      bool found = false;
-      // pass 0: the histogram holds every key above -inf, so c can be clamped to it here
-      uint32_t want = rem;
-      if (pass == 0) {
-        uint32_t t_unused = 0, d_unused = 0, r_unused = 0, la_unused = 0, lt_unused = 0;
-        bool f_unused = false;
-        const uint32_t total =
-            warp_find_digit(sh.red_tot, sh.red_low, 0u, t_unused, d_unused, r_unused, la_unused, lt_unused, f_unused);
-        want = min(c, total);
+    row_sync(cluster, G);  // every block's histograms of this pass are complete
+    for (int i = tid; i < NT * kBins; i += blockDim.x) (&sh.hist[(pass + 2) % 3][0][0])[i] = 0u;
+    if (G > 1) {
+      for (int q = tid; q < NT * kBins; q += blockDim.x) {
+        const int s = q / kBins, bin = q % kBins;
+        bool use = false;
+#pragma unroll
+        for (int k = 0; k < NT; ++k) use = use || (k == s && built[k]);
+        if (!use) continue;
+        uint32_t v[kMaxCluster];  // every remote load in flight at once
+#pragma unroll
+        for (int r = 0; r < kMaxCluster; ++r)
+          v[r] = r < static_cast<int>(G) ? *cluster.map_shared_rank(&sh.hist[buf][s][bin], r) : 0u;
+        uint32_t tot = 0, low = 0;
+#pragma unroll
+        for (int r = 0; r < kMaxCluster; ++r) {
+          tot += v[r];
+          low += r < static_cast<int>(rank) ? v[r] : 0u;
+        }
+        sh.sum_tot[s][bin] = tot;
+        sh.sum_low[s][bin] = low;
       }
-      const uint32_t total =
-          warp_find_digit(sh.red_tot, sh.red_low, want, total_low, digit, r, low_above, low_at, found);
-      if (lane == 0) {
-        sh.total = total;
-        sh.total_low = total_low;
-      }
-      if (found) {
-        sh.digit = digit;
-        sh.rem = r;
-        sh.g_low = low_above;
-        sh.e_low = low_at;
-      }
+      __syncthreads();
     }
-    __syncthreads();
-    if (pass == 0) {
-      const uint32_t finite = sh.total;
-      cut.take = min(c, finite);
-      if (cut.take == 0) return cut;  // nothing is taken
-      if (cut.take == finite) {       // everything above -inf is taken
-        cut.key = kNegInfKey;
-        cut.g_before = sh.total_low;
-        return cut;
+    bool more = false;
+#pragma unroll
+    for (int q = 0; q < NT; ++q) {
+      if (!active[q]) continue;
+      const int s = slot[q];
+      const WarpBins wb = G > 1 ? warp_bins(sh.sum_tot[s], sh.sum_low[s]) : warp_bins(sh.hist[buf][s], nullptr);
+      if (pass == 0) {  // the histogram of pass 0 holds every key above -inf
+        cut[q].take = min(c[q], wb.total);
+        if (cut[q].take == 0) {  // nothing is taken
+          active[q] = false;
+          continue;
+        }
+        if (cut[q].take == wb.total) {  // everything above -inf is taken
+          cut[q].key = kNegInfKey;
+          cut[q].g_before = wb.total_low;
+          active[q] = false;
+          continue;
+        }
+        rem[q] = cut[q].take;
       }
+      const Digit d = warp_find(wb, rem[q]);
+      const uint32_t p = prefix[q] | (d.digit << shift);
+      if (d.at == rem[q] - d.above && p > kNegInfKey) {  // the whole bin is taken: exactly the keys >= p
+        cut[q].key = p - 1u;
+        cut[q].take_equal = 0u;
+        cut[q].g_before += d.low_above + d.low_at;
+        active[q] = false;
+        continue;
+      }
+      prefix[q] = p;
+      rem[q] -= d.above;
+      cut[q].g_before += d.low_above;
+      if (pass == 3) {
+        cut[q].key = p;
+        cut[q].take_equal = rem[q];
+        cut[q].e_before = d.low_at;
+        active[q] = false;
+      }
+      more = more || active[q];
     }
-    prefix |= sh.digit << shift;
+    if (!more) return;
     mask |= 0xFFu << shift;
-    rem = sh.rem;
-    cut.g_before += sh.g_low;
-    if (pass == 3) cut.e_before = sh.e_low;
   }
-  cut.key = prefix;
-  cut.take_equal = rem;
-  return cut;
+}
+
+// One target: the top min(c, keys above -inf) keys (see above).
+template <typename KeyAt>
+__device__ Cut cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, uint32_t c, Shared& sh) {
+  const uint32_t cs[1] = {c};
+  Cut cut[1];
+  cluster_cut<1>(key_at, cached, n_local, cs, sh, cut);
+  return cut[0];
 }
 
 // Calls emit(slot, i) for every chosen entry i of this block's chunk, slot = its place among the
 // chosen entries of the whole row in position order. Warp w scans a contiguous part of the chunk.
-template <typename KeyAt, typename Emit>
-__device__ void emit_in_order(KeyAt key_at, int n_local, const Cut& cut, Shared& sh, Emit emit) {
+template <int NT, typename KeyAt, typename Emit>
+__device__ void emit_in_order(KeyAt key_at, int n_local, const Cut& cut, SharedT<NT>& sh, Emit emit) {
   if (cut.take == 0) return;  // uniform over the block
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int chunk = ((n_local + nwarps - 1) / nwarps + 31) / 32 * 32;
@@ -239,11 +344,9 @@ __device__ void emit_in_order(KeyAt key_at, int n_local, const Cut& cut, Shared&
     sh.warp_e[warp] = equal;
   }
   __syncthreads();
-  uint32_t g_before = cut.g_before, e_before = cut.e_before;
-  for (int w = 0; w < warp; ++w) {
-    g_before += sh.warp_g[w];
-    e_before += sh.warp_e[w];
-  }
+  // counts of the lower warps, lane w reading warp w's
+  uint32_t g_before = cut.g_before + __reduce_add_sync(0xFFFFFFFFu, lane < warp ? sh.warp_g[lane] : 0u);
+  uint32_t e_before = cut.e_before + __reduce_add_sync(0xFFFFFFFFu, lane < warp ? sh.warp_e[lane] : 0u);
   const unsigned lower_lanes = (1u << lane) - 1u;
   for (int base = lo; base < hi; base += 32) {
     const int i = base + lane;
@@ -281,54 +384,27 @@ __device__ __forceinline__ void load_keys(const float* __restrict__ src, int n, 
   }
 }
 
-// Block-level, several segments at once: for each segment s < S, the want[s]-th largest of the
-// keys key_at(s, j), j in [0, n), counting only keys above order_key(-inf) (want[s] must not exceed
-// their number; want[s] = 0 selects nothing). On return prefix[s] is that key (kNone when
-// want[s] = 0) and rem[s] how many keys equal to it belong to the top want[s].
-// Shared arrays: prefix[S], rem[S], hist[S * kBins]. blockDim.x must be a multiple of 32.
-template <typename KeyAt>
-__device__ void segmented_cut(int S, int n, KeyAt key_at, const uint32_t* want, uint32_t* prefix, uint32_t* rem,
-                              uint32_t* hist) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-  for (int s = tid; s < S; s += blockDim.x) {
-    prefix[s] = want[s] > 0 ? 0u : kNone;
-    rem[s] = want[s];
+// Fixed-order float64 sums of two values per thread over the block (thread 0's result is exact to
+// the order: lanes, then warps in order). Returns the sums on thread 0 only.
+template <int NT>
+__device__ __forceinline__ void block_sum2(double& x, double& y, SharedT<NT>& sh) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) {
+    x += __shfl_down_sync(0xFFFFFFFFu, x, d);
+    y += __shfl_down_sync(0xFFFFFFFFu, y, d);
   }
-  uint32_t mask = 0;
-  const int total = S * n;
-  for (int pass = 0; pass < 4; ++pass) {
-    const int shift = 24 - 8 * pass;
-    for (int i = tid; i < S * kBins; i += blockDim.x) hist[i] = 0u;
-    __syncthreads();
-    for (int base = warp * 32; base < total; base += nwarps * 32) {
-      const int i = base + lane;
-      uint32_t d = kNone;
-      if (i < total) {
-        const int s = i / n, j = i - s * n;
-        if (rem[s] > 0) {
-          const uint32_t key = key_at(s, j);
-          if (key > kNegInfKey && (key & mask) == prefix[s])
-            d = static_cast<uint32_t>(s) * kBins + ((key >> shift) & 0xFFu);
-        }
-      }
-      const unsigned peers = __match_any_sync(0xFFFFFFFFu, d);
-      if (d != kNone && lane == __ffs(peers) - 1) atomicAdd(&hist[d], static_cast<unsigned>(__popc(peers)));
+  if ((threadIdx.x & 31) == 0) {
+    sh.warp_sum[0][threadIdx.x >> 5] = x;
+    sh.warp_sum[1][threadIdx.x >> 5] = y;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    x = 0.0;
+    y = 0.0;
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) {
+      x += sh.warp_sum[0][w];
+      y += sh.warp_sum[1][w];
     }
-    __syncthreads();
-    for (int s = warp; s < S; s += nwarps) {
-      const uint32_t want_s = rem[s];
-      if (want_s == 0) continue;  // uniform over the warp
-      uint32_t total_low = 0, digit = 0, r = 0, la = 0, lt = 0;
-      bool found = false;
-      warp_find_digit(hist + s * kBins, nullptr, want_s, total_low, digit, r, la, lt, found);
-      __syncwarp();
-      if (found) {
-        prefix[s] |= digit << shift;
-        rem[s] = r;
-      }
-    }
-    mask |= 0xFFu << shift;
-    __syncthreads();
   }
 }
 
@@ -345,36 +421,71 @@ inline int smem_optin(int device) {
   return v;
 }
 
-// Launch shape of a cluster-per-row kernel: G blocks per row (about 1k keys each, cluster_blocks),
-// `chunk` keys per block, the block's keys cached in dynamic shared memory when they fit.
+inline int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
+}
+
+// Rows of up to this many keys take one block without a cluster; longer rows about this many keys
+// per block of their cluster.
+constexpr int kKeysPerBlock = 4096;
+
+// Blocks per row-cluster: 1 up to kKeysPerBlock keys and before sm_90, else up to kPortableCluster.
+// MIXKV_SELECT_MAX_CLUSTER (environment, read per call; for tests) caps it: 1 runs the one-block
+// path of older devices on sm_90.
+inline int cluster_blocks(int64_t keys, int device) {
+  int major = 0;
+  MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 9) return 1;
+  const int per_block = kKeysPerBlock;
+  int gmax = env_int("MIXKV_SELECT_MAX_CLUSTER", kPortableCluster);
+  gmax = gmax < 1 ? 1 : (gmax > kMaxCluster ? kMaxCluster : gmax);
+  const int64_t want = (keys + per_block - 1) / per_block;
+  return static_cast<int>(want < 1 ? 1 : (want > gmax ? gmax : want));
+}
+
+// Launch shape of a cluster-per-row kernel: G blocks per row (cluster_blocks), `chunk` keys per
+// block, `extra` bytes of dynamic shared memory ahead of the block's keys, which are cached in
+// dynamic shared memory when they fit.
 struct RowClusters {
   int64_t rows = 0;
   int G = 1;
   int chunk = 0;
   unsigned threads = 256;
-  std::size_t cache_bytes = 0;
+  std::size_t extra = 0;
+  std::size_t dyn_bytes = 0;
   bool cached = false;
 };
 
-inline RowClusters plan_row_clusters(int64_t rows, int64_t keys, int device, const char* op) {
+inline RowClusters plan_row_clusters(int64_t rows, int64_t keys, int device, const char* op,
+                                     std::size_t static_bytes, std::size_t extra = 0) {
   RowClusters p;
   p.rows = rows;
   p.G = cluster_blocks(keys, device);
   require(rows * p.G <= 0x7FFFFFFF, op, ": too many rows for one launch");
   p.chunk = static_cast<int>((keys + p.G - 1) / p.G);
-  p.threads = p.chunk > 2048 ? 512u : 256u;
-  p.cache_bytes = static_cast<std::size_t>(p.chunk) * sizeof(uint32_t);
-  p.cached = p.cache_bytes + sizeof(Shared) + 1024 <= static_cast<std::size_t>(smem_optin(device));
+  p.threads = p.chunk > 1024 ? 512u : 256u;
+  p.extra = (extra + 15) / 16 * 16;
+  const std::size_t optin = static_cast<std::size_t>(smem_optin(device));
+  require(p.extra + static_bytes + 1024 <= optin, op, ": too many kv heads for the shared memory of one block");
+  const std::size_t cache_bytes = static_cast<std::size_t>(p.chunk) * sizeof(uint32_t);
+  p.cached = p.extra + cache_bytes + static_bytes + 1024 <= optin;
+  p.dyn_bytes = p.extra + (p.cached ? cache_bytes : 0);
   return p;
 }
 
 // Launches `kernel` (its cached or uncached variant, as p.cached says) over p.rows clusters.
 template <typename... KernelArgs, typename... Args>
 void launch_row_clusters(const RowClusters& p, cudaStream_t stream, void (*kernel)(KernelArgs...), Args... args) {
+  // never more threads than the function allows (instrumenting tools may lower the limit); every
+  // kernel here works with any multiple of 32 threads
+  cudaFuncAttributes fa{};
+  MIXKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  const unsigned limit = static_cast<unsigned>(fa.maxThreadsPerBlock) / 32u * 32u;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(p.rows * p.G));
-  cfg.blockDim = dim3(p.threads);
-  cfg.dynamicSmemBytes = p.cached ? p.cache_bytes : 0;
+  cfg.blockDim = dim3(limit >= 32u && limit < p.threads ? limit : p.threads);
+  cfg.dynamicSmemBytes = p.dyn_bytes;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -382,10 +493,12 @@ void launch_row_clusters(const RowClusters& p, cudaStream_t stream, void (*kerne
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = p.G > 1 ? 1 : 0;  // no cluster attribute where clusters do not exist
-  if (p.cached && p.cache_bytes > 48 * 1024)
+  cfg.numAttrs = p.G > 1 ? 1 : 0;  // one block per row: no cluster
+  if (p.dyn_bytes > 48 * 1024)
     MIXKV_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.cache_bytes)));
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.dyn_bytes)));
+  if (p.G > kPortableCluster)
+    MIXKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
 }
 

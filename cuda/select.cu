@@ -1,7 +1,8 @@
-// CUDA top-c selection: one thread-block cluster per (b, h) row (up to 8 blocks, ~1k positions
-// each). Each block caches its chunk of the row as order-preserving keys in shared memory, a
-// cluster-wide four-pass radix select finds the c-th largest key, and each block writes its chosen
-// positions at their place in the ascending output (cluster_select.cuh).
+// CUDA top-c selection: one block per (b, h) row up to 4k positions, longer rows one thread-block
+// cluster (up to 8 blocks, ~4k positions each). Each block caches its chunk of the row as
+// order-preserving keys in shared memory, a cluster-wide radix select (at most four passes) finds
+// the c-th largest key, and each block writes its chosen positions at their place in the ascending
+// output (cluster_select.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -46,6 +47,7 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
   const int lo = min(rank * chunk, a.P), n_local = min(lo + chunk, a.P) - lo;
   const float* src = a.scores + b * a.s_b + h * a.s_h + lo;
   int32_t* out = a.positions + b * a.p_b + h * a.p_h;
+  const int cap = a.caps[b * a.c_b + h * a.c_h];  // in flight while the keys load
   if constexpr (kCached) csel::load_keys<8>(src, n_local, cached_keys);
   auto key_at = [&](int i) -> uint32_t {
     if constexpr (kCached) {
@@ -54,17 +56,16 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
       return rx::order_key(src[i]);
     }
   };
-  const int cap = a.caps[b * a.c_b + h * a.c_h];
   const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(a.P, a.C)));
-  const csel::Cut cut = csel::cluster_cut(key_at, n_local, c, sh);
-  cluster.barrier_arrive();  // this block reads no other block's memory from here on
+  const csel::Cut cut = csel::cluster_cut(key_at, kCached ? cached_keys : nullptr, n_local, c, sh);
+  if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on
   csel::emit_in_order(key_at, n_local, cut, sh, [&](uint32_t slot, int i) { out[slot] = lo + i; });
   const int stride = G * static_cast<int>(blockDim.x);
   for (int i = static_cast<int>(cut.take) + rank * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
        i < a.C; i += stride)
     out[i] = -1;
   if (rank == 0 && threadIdx.x == 0) a.counts[b * a.n_b + h * a.n_h] = static_cast<int32_t>(cut.take);
-  cluster.barrier_wait();  // the others may read this block's histograms until they arrive
+  if (G > 1) cluster.barrier_wait();  // the others may read this block's histograms until they arrive
 }
 
 }  // namespace
@@ -85,7 +86,7 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
                positions.stride[1], counts.ptr<int32_t>(), counts.stride[0], counts.stride[1],
                static_cast<int>(H), static_cast<int>(P), static_cast<int>(C)};
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const csel::RowClusters plan = csel::plan_row_clusters(rows, P, scores.device_id, "select");
+  const csel::RowClusters plan = csel::plan_row_clusters(rows, P, scores.device_id, "select", sizeof(csel::Shared));
   if (plan.cached) {
     csel::launch_row_clusters(plan, s, select_rows_kernel<true>, a, plan.chunk);
   } else {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import mixkv.ops as ops
@@ -57,7 +59,36 @@ def run(dtype: torch.dtype, n: int, budget: int) -> None:
     torch.cuda.synchronize()
 
 
+def run_selection_shapes() -> None:
+    """select and AdaKV capacities on long rows (clusters), many rows and large budgets, also
+    through the one-block path of devices before sm_90 (MIXKV_SELECT_MAX_CLUSTER=1)."""
+    dev = torch.device("cuda")
+    for cap in ("8", "1"):
+        os.environ["MIXKV_SELECT_MAX_CLUSTER"] = cap
+        imp = torch.rand(2, 4, 12_000, device=dev) ** 3
+        valid = torch.tensor([12_032, 5_000], dtype=torch.int32, device=dev)
+        for budget in (64, 1056):
+            for normalize in (True, False):
+                caps = ops.capacities(
+                    "adakv",
+                    imp,
+                    budget=budget,
+                    window=32,
+                    layer_idx=1,
+                    num_layers=4,
+                    normalize=normalize,
+                    valid_lengths=valid,
+                )
+            ops.select(imp, caps)
+        many = torch.rand(2, 16, 2000, device=dev)
+        caps = ops.capacities("adakv", many, budget=96, window=32, layer_idx=1, num_layers=4)
+        ops.select(many, caps)
+    del os.environ["MIXKV_SELECT_MAX_CLUSTER"]
+    torch.cuda.synchronize()
+
+
 def main() -> None:
+    run_selection_shapes()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         run(dtype, n=300, budget=40)
     run(torch.bfloat16, n=5000, budget=4000)  # long segments: the split attention path

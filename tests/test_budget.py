@@ -287,3 +287,45 @@ def test_capacities_reject_bad_inputs(device: str) -> None:
     out = torch.empty((2, 3), dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="out"):
         capacities_into("snapkv", imp, out=out, **ok)  # type: ignore[arg-type]
+
+
+def adakv_case(imp: torch.Tensor, budget: int, normalize: bool, valid: list[int] | None = None) -> dict[str, object]:
+    return {
+        "policy": "adakv",
+        "imp": imp,
+        "budget": budget,
+        "window": 32,
+        "layer_idx": 1,
+        "num_layers": 4,
+        "valid": valid,
+        "opts": {"normalize": normalize, "floor": 0.2},
+    }
+
+
+# MIXKV_SELECT_MAX_CLUSTER caps the blocks per row on CUDA ("1": the one-block path of devices
+# before sm_90); the CPU twin ignores it.
+@pytest.mark.parametrize("max_cluster", [None, "1"])
+def test_adakv_many_heads_long_rows_large_budgets(
+    device: str, max_cluster: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if max_cluster is not None:
+        monkeypatch.setenv("MIXKV_SELECT_MAX_CLUSTER", max_cluster)
+    gen = torch.Generator().manual_seed(41)
+    # integer scores: every scaled score is exact or tied exactly, so both paths rank alike
+    many = torch.randint(0, 50, (4, 32, 2000), generator=gen).float()
+    run_and_compare(device, adakv_case(many, 96, False, [2032, 900, 40, 2032]), need_gap=False)
+    # heads holding the same multiset: equal f_h, exact ties across heads
+    values = torch.randint(0, 9, (9000,), generator=gen).float()
+    same = torch.stack([values[torch.randperm(9000, generator=gen)] for _ in range(4)])[None]
+    for budget in (64, 1056, 4000):
+        run_and_compare(device, adakv_case(same, budget, True), need_gap=False)
+    # real-valued scores on different scales (the k-th place has a clear gap for this seed)
+    gen = torch.Generator().manual_seed(5)
+    real = (torch.rand((2, 4, 31968), generator=gen) ** 3) * torch.rand((1, 4, 1), generator=gen) * 10
+    for budget in (64, 1056):
+        case = adakv_case(real, budget, True, [32000, 20000])
+        _, gap = reference(
+            "adakv", real, valid_lengths=case["valid"], budget=budget, window=32, layer_idx=1, num_layers=4
+        )  # type: ignore[arg-type]
+        assert gap > 1e-6
+        run_and_compare(device, case, need_gap=False)

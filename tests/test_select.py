@@ -202,3 +202,29 @@ def test_strided_outputs(device: str) -> None:
             assert pos[i, j].tolist() == exp_pos[i][j] + [-1] * (70 - len(exp_pos[i][j]))
             assert int(cnt[i, j]) == exp_cnt[i][j]
     assert bool((pos_buf[:, :, :5] == POISON).all()) and bool((pos_buf[:, :, 75:] == POISON).all())
+
+
+# MIXKV_SELECT_MAX_CLUSTER caps the blocks per row on CUDA: "1" runs the one-block path of devices
+# before sm_90 on any device, "16" the largest (non-portable) clusters. The CPU twin ignores it.
+CLUSTER_CAPS = [None, "1", "16"]
+
+
+@pytest.mark.parametrize("max_cluster", CLUSTER_CAPS)
+def test_every_launch_shape(device: str, max_cluster: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if max_cluster is not None:
+        monkeypatch.setenv("MIXKV_SELECT_MAX_CLUSTER", max_cluster)
+    gen = torch.Generator().manual_seed(23)
+    # one block (short rows, exactly at the limit), clusters of 2 (just above it) and of 8+ (long rows)
+    for p, caps in ((4096, [[1, 4095, 4096]]), (4097, [[4097, 2048, 3]]), (70_001, [[64, 1056, 65_000]])):
+        scores = torch.rand((1, 3, p), generator=gen) ** 3
+        scores[0, 1, p // 3 : p // 2] = 0.5  # ties across block boundaries
+        scores[0, 2, : p // 4] = NEG_INF
+        check(scores, torch.tensor(caps), device, 1)
+    # many rows, left padding, capacities from 0 to everything
+    scores = torch.randn((8, 32, 2000), generator=gen)
+    scores[3, :, :700] = NEG_INF
+    caps = torch.randint(0, 2001, (8, 32), generator=gen)
+    caps[:, 0] = 32
+    caps[:, 1] = 2000
+    caps[:, 2] = 0
+    check(scores, caps, device, 0)

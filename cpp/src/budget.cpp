@@ -104,11 +104,12 @@ void adakv_sequence(const BudgetOptions& o, const Tensor& imp, int64_t b, int64_
 }  // namespace
 
 std::size_t capacities_workspace_bytes(int64_t B, int64_t Hkv, int64_t P) {
-  // AdaKV on CUDA: float64 sums [B, Hkv], candidate counts [B, Hkv] and up to P candidate scores
-  // per (b, h) as float32, each part rounded up to 256 bytes.
+  // AdaKV on CUDA: two float64 partial sums per block of each (b, h) row (up to 16 blocks), candidate
+  // counts [B, Hkv] and up to P candidate scores per (b, h) as float32, each part rounded up to
+  // 256 bytes.
   auto round = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
   const int64_t cells = std::max<int64_t>(B * Hkv, 1);
-  return static_cast<std::size_t>(round(cells * 8) + round(cells * 4) + round(cells * std::max<int64_t>(P, 1) * 4));
+  return static_cast<std::size_t>(round(cells * 256) + round(cells * 4) + round(cells * std::max<int64_t>(P, 1) * 4));
 }
 
 void capacities(const BudgetOptions& options, const Tensor& importance, const Tensor& valid_lengths,

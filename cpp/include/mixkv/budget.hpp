@@ -52,7 +52,8 @@ struct BudgetOptions {
 // workspace: capacities_workspace_bytes(...) bytes on the device (CUDA only). stream: a
 //   cudaStream_t as an integer (CUDA only). The CUDA path does not synchronise; it cannot check
 //   valid_lengths or NaN values (callers validate) and clamps n_b to [0, P + W]. The workspace
-//   holds float64 sums, counts and float32 candidate scores: about 4 * B * Hkv * (P + 3) bytes.
+//   holds float64 partial sums, counts and float32 candidate scores: about 4 * B * Hkv * (P + 65)
+//   bytes.
 std::size_t capacities_workspace_bytes(int64_t B, int64_t Hkv, int64_t P);
 void capacities(const BudgetOptions& options, const Tensor& importance, const Tensor& valid_lengths,
                 const Tensor& head_scores, const Tensor& out, const Tensor& workspace,

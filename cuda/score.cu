@@ -246,7 +246,7 @@ __device__ void pass1_finish(const Params<T>& p) {
   if (!last_block(p.counters + bh)) return;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int c_first = (s0 / kTile) / p.tpb;  // chunks before it hold padding only and wrote nothing
-  constexpr int U = 8;
+  constexpr int U = 16;  // loads in flight per thread
   for (int r = threadIdx.x; r < p.Rp; r += blockDim.x) {
     if (r % p.Wp >= p.W) continue;
     const float2* st = p.stats + int64_t(bh) * p.chunks1 * p.Rp + r;

@@ -140,6 +140,8 @@ struct Params {
   int method, pooling, kernel, gqa;
   float scale, scale2;  // logit scale, and the same times log2(e): softmax statistics are kept base 2
   bool vec_k, need_v, need_kn, need_d;
+  bool q_pairs;  // query rows 4-byte aligned: element pairs load as one word
+  int skip;      // timing experiments only: 1 no MMA, 2 no row work, 4 no finish, 8 no raw store
 };
 
 __device__ __forceinline__ int seq_length(const int32_t* valid, int64_t stride, int b, int N) {
@@ -207,25 +209,38 @@ __device__ void block_reduce_n(float (&v)[K], const Op (&ops)[K], float (*buf)[3
 
 // Called by every thread of every block of a (chunk, b·h) grid at its end, after the block's global
 // writes: true in exactly one block per b·h, the last to arrive, which then sees every block's writes.
+// (Release: the barrier orders the block's writes before thread 0's device-scope fence and arrival;
+// acquire: the last block's thread 0 fences after the arrival, then the barrier.)
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
 __device__ bool last_block(unsigned* counter) {
   __shared__ unsigned is_last;
-  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == gridDim.x - 1 ? 1u : 0u;
+  if (threadIdx.x == 0) {
+    fence_acq_rel_gpu();
+    const unsigned prev = atomicAdd(counter, 1u);
+    is_last = prev == gridDim.x - 1 ? 1u : 0u;
+    if (is_last) fence_acq_rel_gpu();
+  }
   __syncthreads();
-  const bool last = is_last != 0u;
-  if (last) __threadfence();
-  return last;
+  return is_last != 0u;
 }
 
 // Pooled importance at prefix column j (avg counts the zero padding, max ignores it).
 template <bool kCoherent>
 __device__ __forceinline__ float pooled_at(const float* raw, int j, int s0, int P, int half, bool avg, int kernel) {
   const int lo = max(s0, j - half), hi = min(P - 1, j + half);
+  constexpr int kBatch = 8;  // independent loads in flight (kernels up to 7 take one batch)
   float acc = avg ? 0.0f : -INFINITY;
-  for (int u = lo; u <= hi; ++u) {
-    const float x = kCoherent ? __ldcg(raw + u) : raw[u];
-    acc = avg ? acc + x : fmaxf(acc, x);
+  for (int u0 = lo; u0 <= hi; u0 += kBatch) {
+    float x[kBatch];
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      const int u = u0 + q;
+      x[q] = u <= hi ? (kCoherent ? __ldcg(raw + u) : raw[u]) : (avg ? 0.0f : -INFINITY);
+    }
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) acc = avg ? acc + x[q] : fmaxf(acc, x[q]);
   }
   return avg ? acc / static_cast<float>(kernel) : acc;
 }
@@ -246,7 +261,7 @@ __device__ void pass1_finish(const Params<T>& p) {
   if (!last_block(p.counters + bh)) return;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int c_first = (s0 / kTile) / p.tpb;  // chunks before it hold padding only and wrote nothing
-  constexpr int U = 16;  // loads in flight per thread
+  constexpr int U = 32;  // loads in flight per thread
   for (int r = threadIdx.x; r < p.Rp; r += blockDim.x) {
     if (r % p.Wp >= p.W) continue;
     const float2* st = p.stats + int64_t(bh) * p.chunks1 * p.Rp + r;
@@ -375,24 +390,26 @@ __device__ void pass2_finish(const Params<T>& p) {
     acc = warp_sum(acc);
     if (lane == 0) tot[0] = acc + r3[0];
   } else if (warp <= 3 && need[warp - 1]) {
+    // This lane's chunks: minimum, maximum and Σ(x − minimum), re-based when the minimum drops.
     const int s = warp - 1;
-    float l = INFINITY, u = -INFINITY;
+    float l = INFINITY, u = -INFINITY, acc = 0.0f, cnt = 0.0f;
     for (int c = lane; c < p.chunks2; c += 32) {
-      if (__ldcg(cp + c * kCP + 1) == 0.0f) continue;
-      l = fminf(l, __ldcg(cp + c * kCP + 2 + 3 * s)), u = fmaxf(u, __ldcg(cp + c * kCP + 3 + 3 * s));
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      l = fminf(l, __shfl_xor_sync(0xffffffffu, l, o));
-      u = fmaxf(u, __shfl_xor_sync(0xffffffffu, u, o));
-    }
-    float acc = 0.0f;
-    for (int c = lane; c < p.chunks2; c += 32) {
-      const float cn = __ldcg(cp + c * kCP + 1);
+      const float* q = cp + c * kCP;
+      const float cn = __ldcg(q + 1), cl = __ldcg(q + 2 + 3 * s), ch = __ldcg(q + 3 + 3 * s), cs = __ldcg(q + 4 + 3 * s);
       if (cn == 0.0f) continue;
-      acc += __ldcg(cp + c * kCP + 4 + 3 * s) + cn * (__ldcg(cp + c * kCP + 2 + 3 * s) - l);
+      if (cl < l) {
+        if (cnt > 0.0f) acc += cnt * (l - cl);
+        l = cl;
+      }
+      u = fmaxf(u, ch), acc += cs + cn * (cl - l), cnt += cn;
     }
-    acc = warp_sum(acc);
-    if (lane == 0) tot[1 + 3 * s] = l, tot[2 + 3 * s] = u, tot[3 + 3 * s] = acc;
+    float lo_all = l, hi_all = u;
+    for (int o = 16; o > 0; o >>= 1) {
+      lo_all = fminf(lo_all, __shfl_xor_sync(0xffffffffu, lo_all, o));
+      hi_all = fmaxf(hi_all, __shfl_xor_sync(0xffffffffu, hi_all, o));
+    }
+    acc = warp_sum(cnt > 0.0f ? acc + cnt * (l - lo_all) : 0.0f);
+    if (lane == 0) tot[1 + 3 * s] = lo_all, tot[2 + 3 * s] = hi_all, tot[3 + 3 * s] = acc;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -725,8 +742,11 @@ __device__ __forceinline__ void load_q_fragments(const Params<T>& p, int b, int 
     for (int ks = 0; ks < DK / 16; ++ks)
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
-        const int c = ks * 16 + 2 * t + 8 * u;
-        qb[nt][ks][u] = (ok && c < p.D) ? pack_pair(row[c], row[c + 1]) : pack_pair(zero, zero);  // D % 8 == 0
+        const int c = ks * 16 + 2 * t + 8 * u;  // D % 8 == 0: both elements of a pair lie inside or outside
+        if (p.q_pairs)
+          qb[nt][ks][u] = (ok && c < p.D) ? *reinterpret_cast<const uint32_t*>(row + c) : 0u;
+        else
+          qb[nt][ks][u] = (ok && c < p.D) ? pack_pair(row[c], row[c + 1]) : pack_pair(zero, zero);
       }
   }
 }
@@ -748,12 +768,12 @@ constexpr int mma_threads() {
   return NT == 4 ? 256 : 512;
 }
 
-template <typename T, int DK, int NT>
-__global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pass1_mma_kernel(Params<T> p) {
+template <typename T, int DK, int NT, int MINB>
+__global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass1_mma_kernel(Params<T> p) {
   constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT;
   extern __shared__ __align__(128) unsigned char smem[];
   T* ring = reinterpret_cast<T*>(smem);                                              // [kStages][64][LDK]
-  float* usum = reinterpret_cast<float*>(smem + kStages * kTile * LDK * sizeof(T));  // [warps][32 / (DK / 16)][DK]
+  float* usum = reinterpret_cast<float*>(smem + kStages * kTile * LDK * sizeof(T));  // [16][warps][32]
   const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(p.tiles, (chunk + 1) * p.tpb);
@@ -769,11 +789,13 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     // Row work: LPR lanes per key row, lane part c owns columns 8c..8c+7 and 8(c+LPR)..8(c+LPR)+7.
     constexpr int LPR = DK / 16, RPS = 32 / LPR;
     const int slot = lane / LPR, part = lane % LPR;
-    // This lane's unit-key sums (its row slot, its 16 columns) accumulate in shared memory.
-    float* uacc = usum + (warp * RPS + slot) * DK;
+    // This lane's 16 unit-key sums (its row slot, its columns) accumulate in shared memory, laid out
+    // [k][warp][lane] so that a warp's accesses hit 32 distinct banks.
+    float* uacc = usum + warp * 32 + lane;
+    const int ustride = nwarps * 32;
 #pragma unroll
-    for (int k = 0; k < 16; ++k) uacc[8 * (part + (k >> 3) * LPR) + (k & 7)] = 0.0f;
-    const bool mma_warp = warp < p.mma_warps;
+    for (int k = 0; k < 16; ++k) uacc[k * ustride] = 0.0f;
+    const bool mma_warp = warp < p.mma_warps && !(p.skip & 1);
     uint32_t qb[NT][KS][2];
     if (mma_warp) load_q_fragments<T, DK, NT>(p, b, h, warp, lane, qb);
     const int g8 = lane >> 2, t4 = lane & 3;
@@ -792,8 +814,8 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       score_detail::cp_async_commit();
       const T* tile = ring + (it % kStages) * kTile * LDK;
       const int j0 = (t_begin + it) * kTile;
-      // Sums of unit keys (padding rows are zero: 0 · 1e12 = 0), in registers.
-      for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
+      // Sums of unit keys (padding rows are zero: 0 · 1e12 = 0).
+      for (int r = warp * RPS + slot; r < ((p.skip & 2) ? 0 : kTile); r += nwarps * RPS) {
         float x[16];
         score_detail::load_eight(tile + r * LDK + 8 * part, x);
         score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
@@ -804,10 +826,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
         for (int o = 1; o < LPR; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
         const float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
 #pragma unroll
-        for (int k = 0; k < 16; ++k) {
-          float& u = uacc[8 * (part + (k >> 3) * LPR) + (k & 7)];
-          u = fmaf(x[k], inv, u);
-        }
+        for (int k = 0; k < 16; ++k) uacc[k * ustride] = fmaf(x[k], inv, uacc[k * ustride]);
       }
       if (mma_warp) {
         const bool edge = j0 < s0 || j0 + kTile - 1 > p.P;
@@ -861,18 +880,22 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     }
     __syncthreads();
     for (int d = tid; d < p.Dp; d += nthreads) {
+      // column d is value k = 8·(c / LPR) + d % 8 of lane part c % LPR, with c = d / 8
+      const int c8 = d >> 3, k = (c8 / LPR) * 8 + (d & 7), pt = c8 % LPR;
       float s = 0.0f;
       if (d < p.D)
-        for (int w = 0; w < nwarps * RPS; ++w) s += usum[w * DK + d];
+        for (int w = 0; w < nwarps; ++w)
+          for (int sl = 0; sl < RPS; ++sl) s += usum[(k * nwarps + w) * 32 + sl * LPR + pt];
       p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
     }
   }
+  if (p.skip & 4) return;
   pass1_finish(p);
 }
 
 
-template <typename T, int DK, int NT>
-__global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pass2_mma_kernel(Params<T> p) {
+template <typename T, int DK, int NT, int MINB>
+__global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass2_mma_kernel(Params<T> p) {
   constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT, SPW = NT / 2, M = 8 * SPW;
   extern __shared__ __align__(128) unsigned char smem[];
   T* kring = reinterpret_cast<T*>(smem);                                  // [kStages][64][LDK]
@@ -898,7 +921,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       if (st < ntiles) issue(st);
       score_detail::cp_async_commit();
     }
-    const bool mma_warp = warp < p.mma_warps;
+    const bool mma_warp = warp < p.mma_warps && !(p.skip & 1);
     uint32_t qb[NT][KS][2];
     if (mma_warp) load_q_fragments<T, DK, NT>(p, b, h, warp, lane, qb);
     score_detail::grid_dep_wait();  // pass 1's row statistics and mean key
@@ -925,7 +948,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     for (int it = 0; it < ntiles; ++it) {
       score_detail::cp_async_wait<kStages - 2>();
       __syncthreads();
-      if (it > 0)  // the previous tile's column sums (double-buffered: one barrier per tile)
+      if (it > 0 && !(p.skip & 8))  // the previous tile's column sums (double-buffered: one barrier per tile)
         store_raw_importance(p, stripcol + ((it - 1) & 1) * kMaxStrips * kTile, strips_per_head,
                              (t_begin + it - 1) * kTile, s0, col0);
       if (it + kStages - 1 < ntiles) issue(it + kStages - 1);
@@ -934,7 +957,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       const T* vtile = vring + (it % kStages) * kTile * LDK;
       const int j0 = (t_begin + it) * kTile;
       // Per prefix token: key norm, k̂·m, value norm (LPR lanes per row; the slot's lanes agree on j).
-      for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
+      for (int r = warp * RPS + slot; r < ((p.skip & 2) ? 0 : kTile); r += nwarps * RPS) {
         const int j = j0 + r;
         float x[16], mk[16];
         score_detail::load_eight(tile + r * LDK + 8 * part, x);
@@ -1013,6 +1036,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     score_detail::grid_dep_wait();
   }
   score_detail::grid_dep_launch();
+  if (p.skip & 4) return;
   pass2_finish(p);
 }
 
@@ -1173,6 +1197,8 @@ struct Knobs {
   int target = kTargetBlocks;
   bool pdl = true;
   int nt = 4;
+  int skip = 0;
+  int minb = 2;
 };
 
 Knobs read_knobs() {
@@ -1180,6 +1206,8 @@ Knobs read_knobs() {
   if (const char* s = std::getenv("MIXKV_SCORE_TARGET")) k.target = std::max(1, std::min(kTargetBlocks, std::atoi(s)));
   if (const char* s = std::getenv("MIXKV_SCORE_PDL")) k.pdl = std::atoi(s) != 0;
   if (const char* s = std::getenv("MIXKV_SCORE_NT")) k.nt = std::atoi(s) == 2 ? 2 : 4;
+  if (const char* s = std::getenv("MIXKV_SCORE_SKIP")) k.skip = std::atoi(s);
+  if (const char* s = std::getenv("MIXKV_SCORE_MINB")) k.minb = std::atoi(s) == 1 ? 1 : 2;
   return k;
 }
 
@@ -1202,7 +1230,7 @@ void launch(void (*kernel)(Params<T>), dim3 grid, int threads, int64_t smem, cud
   MIXKV_CUDA_CHECK_LAUNCH();
 }
 
-template <typename T, int DK, int NT>
+template <typename T, int DK, int NT, int MINB = 512 / mma_threads<NT>()>
 void launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
   const int rows_per_warp = 8 * NT;
   p.mma_warps = static_cast<int>(cdiv(d.Rp, rows_per_warp));
@@ -1210,11 +1238,13 @@ void launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStr
   const int64_t smem1 = mma_smem_bytes<DK, T>(false, threads), smem2 = mma_smem_bytes<DK, T>(true, threads);
   static std::atomic<int64_t> granted1[64];
   static std::atomic<int64_t> granted2[64];
-  allow_smem(pass1_mma_kernel<T, DK, NT>, smem1, device, granted1);
-  allow_smem(pass2_mma_kernel<T, DK, NT>, smem2, device, granted2);
+  allow_smem(pass1_mma_kernel<T, DK, NT, MINB>, smem1, device, granted1);
+  allow_smem(pass2_mma_kernel<T, DK, NT, MINB>, smem2, device, granted2);
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
-  launch(pass1_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false, p);
-  launch(pass2_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl, p);
+  launch(pass1_mma_kernel<T, DK, NT, MINB>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false,
+         p);
+  launch(pass2_mma_kernel<T, DK, NT, MINB>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl,
+         p);
 }
 
 template <typename T>
@@ -1275,6 +1305,9 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.scale = o.scale > 0.0f ? o.scale : 1.0f / std::sqrt(static_cast<float>(d.D));
   p.scale2 = p.scale * 1.4426950408889634f;
   p.vec_k = aligned16(k.data, {k.stride[0], k.stride[1], k.stride[2], d.D}, sizeof(T));
+  p.q_pairs = reinterpret_cast<std::uintptr_t>(q.data) % 4 == 0 && q.stride[0] % 2 == 0 && q.stride[1] % 2 == 0 &&
+              q.stride[2] % 2 == 0;
+  p.skip = knobs.skip;
   p.need_v = o.method == Method::vnorm || o.method == Method::uniform_mix || o.method == Method::mixkv;
   p.need_kn = o.method == Method::knorm;
   p.need_d = o.method == Method::keydiff || o.method == Method::uniform_mix || o.method == Method::mixkv;
@@ -1295,6 +1328,8 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
       } else if (d.D <= 128) {
         if (knobs.nt == 2)
           launch_passes_mma<T, 128, 2>(p, d, k.device_id, pdl, stream);
+        else if (knobs.minb == 1)
+          launch_passes_mma<T, 128, 4, 1>(p, d, k.device_id, pdl, stream);
         else
           launch_passes_mma<T, 128, 4>(p, d, k.device_id, pdl, stream);
       } else {

@@ -19,7 +19,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 #include "cuda_check.cuh"
@@ -59,9 +58,7 @@ struct Dims {
   int64_t B, Hq, Hkv, N, W, D, G, P, Wp, Rp, Dp, tiles, tpb, chunks1, chunks2, strips;
 };
 
-// `target`: the number of (chunk, b·h) blocks aimed at; the workspace is sized for kTargetBlocks, the
-// most chunks any launch uses.
-Dims make_dims(int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t W, int64_t D, int64_t target = kTargetBlocks) {
+Dims make_dims(int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t W, int64_t D) {
   Dims d{};
   d.B = B, d.Hq = Hq, d.Hkv = Hkv, d.N = N, d.W = W, d.D = D;
   d.G = Hkv > 0 ? Hq / Hkv : 0;
@@ -70,7 +67,8 @@ Dims make_dims(int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t W, int64_t
   d.Rp = d.G * d.Wp;
   d.Dp = round_up(D, 16);
   d.tiles = cdiv(N, kTile);
-  d.tpb = std::max<int64_t>(1, cdiv(d.tiles * B * Hkv, std::max<int64_t>(1, std::min<int64_t>(target, kTargetBlocks))));
+  // Tiles per block: about two resident blocks per SM, each streaming many tiles on long sequences.
+  d.tpb = std::max<int64_t>(1, cdiv(d.tiles * B * Hkv, kTargetBlocks));
   d.chunks1 = cdiv(d.tiles, d.tpb);
   d.chunks2 = cdiv(cdiv(d.P, kTile), d.tpb);
   d.strips = d.Rp / 16;
@@ -141,7 +139,6 @@ struct Params {
   float scale, scale2;  // logit scale, and the same times log2(e): softmax statistics are kept base 2
   bool vec_k, need_v, need_kn, need_d;
   bool q_pairs;  // query rows 4-byte aligned: element pairs load as one word
-  int skip;      // timing experiments only: 1 no MMA, 2 no row work, 4 no finish, 8 no raw store
 };
 
 __device__ __forceinline__ int seq_length(const int32_t* valid, int64_t stride, int b, int N) {
@@ -768,8 +765,8 @@ constexpr int mma_threads() {
   return NT == 4 ? 256 : 512;
 }
 
-template <typename T, int DK, int NT, int MINB>
-__global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass1_mma_kernel(Params<T> p) {
+template <typename T, int DK, int NT>
+__global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pass1_mma_kernel(Params<T> p) {
   constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT;
   extern __shared__ __align__(128) unsigned char smem[];
   T* ring = reinterpret_cast<T*>(smem);                                              // [kStages][64][LDK]
@@ -795,7 +792,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass1_mma_kernel(Para
     const int ustride = nwarps * 32;
 #pragma unroll
     for (int k = 0; k < 16; ++k) uacc[k * ustride] = 0.0f;
-    const bool mma_warp = warp < p.mma_warps && !(p.skip & 1);
+    const bool mma_warp = warp < p.mma_warps;
     uint32_t qb[NT][KS][2];
     if (mma_warp) load_q_fragments<T, DK, NT>(p, b, h, warp, lane, qb);
     const int g8 = lane >> 2, t4 = lane & 3;
@@ -815,7 +812,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass1_mma_kernel(Para
       const T* tile = ring + (it % kStages) * kTile * LDK;
       const int j0 = (t_begin + it) * kTile;
       // Sums of unit keys (padding rows are zero: 0 · 1e12 = 0).
-      for (int r = warp * RPS + slot; r < ((p.skip & 2) ? 0 : kTile); r += nwarps * RPS) {
+      for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
         float x[16];
         score_detail::load_eight(tile + r * LDK + 8 * part, x);
         score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
@@ -889,13 +886,12 @@ __global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass1_mma_kernel(Para
       p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
     }
   }
-  if (p.skip & 4) return;
   pass1_finish(p);
 }
 
 
-template <typename T, int DK, int NT, int MINB>
-__global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass2_mma_kernel(Params<T> p) {
+template <typename T, int DK, int NT>
+__global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pass2_mma_kernel(Params<T> p) {
   constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT, SPW = NT / 2, M = 8 * SPW;
   extern __shared__ __align__(128) unsigned char smem[];
   T* kring = reinterpret_cast<T*>(smem);                                  // [kStages][64][LDK]
@@ -921,7 +917,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass2_mma_kernel(Para
       if (st < ntiles) issue(st);
       score_detail::cp_async_commit();
     }
-    const bool mma_warp = warp < p.mma_warps && !(p.skip & 1);
+    const bool mma_warp = warp < p.mma_warps;
     uint32_t qb[NT][KS][2];
     if (mma_warp) load_q_fragments<T, DK, NT>(p, b, h, warp, lane, qb);
     score_detail::grid_dep_wait();  // pass 1's row statistics and mean key
@@ -948,7 +944,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass2_mma_kernel(Para
     for (int it = 0; it < ntiles; ++it) {
       score_detail::cp_async_wait<kStages - 2>();
       __syncthreads();
-      if (it > 0 && !(p.skip & 8))  // the previous tile's column sums (double-buffered: one barrier per tile)
+      if (it > 0)  // the previous tile's column sums (double-buffered: one barrier per tile)
         store_raw_importance(p, stripcol + ((it - 1) & 1) * kMaxStrips * kTile, strips_per_head,
                              (t_begin + it - 1) * kTile, s0, col0);
       if (it + kStages - 1 < ntiles) issue(it + kStages - 1);
@@ -957,7 +953,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass2_mma_kernel(Para
       const T* vtile = vring + (it % kStages) * kTile * LDK;
       const int j0 = (t_begin + it) * kTile;
       // Per prefix token: key norm, k̂·m, value norm (LPR lanes per row; the slot's lanes agree on j).
-      for (int r = warp * RPS + slot; r < ((p.skip & 2) ? 0 : kTile); r += nwarps * RPS) {
+      for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
         const int j = j0 + r;
         float x[16], mk[16];
         score_detail::load_eight(tile + r * LDK + 8 * part, x);
@@ -1036,7 +1032,6 @@ __global__ void __launch_bounds__(mma_threads<NT>(), MINB) pass2_mma_kernel(Para
     score_detail::grid_dep_wait();
   }
   score_detail::grid_dep_launch();
-  if (p.skip & 4) return;
   pass2_finish(p);
 }
 
@@ -1191,26 +1186,6 @@ bool pdl_supported(int device) {
   return v == 2;
 }
 
-// Tuning knobs (environment, read per call): MIXKV_SCORE_TARGET blocks per pass (<= kTargetBlocks),
-// MIXKV_SCORE_PDL 0/1, MIXKV_SCORE_NT 2/4 (n8 row tiles per warp for head dims <= 128).
-struct Knobs {
-  int target = kTargetBlocks;
-  bool pdl = true;
-  int nt = 4;
-  int skip = 0;
-  int minb = 2;
-};
-
-Knobs read_knobs() {
-  Knobs k;
-  if (const char* s = std::getenv("MIXKV_SCORE_TARGET")) k.target = std::max(1, std::min(kTargetBlocks, std::atoi(s)));
-  if (const char* s = std::getenv("MIXKV_SCORE_PDL")) k.pdl = std::atoi(s) != 0;
-  if (const char* s = std::getenv("MIXKV_SCORE_NT")) k.nt = std::atoi(s) == 2 ? 2 : 4;
-  if (const char* s = std::getenv("MIXKV_SCORE_SKIP")) k.skip = std::atoi(s);
-  if (const char* s = std::getenv("MIXKV_SCORE_MINB")) k.minb = std::atoi(s) == 1 ? 1 : 2;
-  return k;
-}
-
 // One launch of a Params kernel; `pdl` lets it start while the previous kernel on the stream ends
 // (the kernel calls grid_dep_wait() before reading that kernel's results).
 template <typename T>
@@ -1230,7 +1205,7 @@ void launch(void (*kernel)(Params<T>), dim3 grid, int threads, int64_t smem, cud
   MIXKV_CUDA_CHECK_LAUNCH();
 }
 
-template <typename T, int DK, int NT, int MINB = 512 / mma_threads<NT>()>
+template <typename T, int DK, int NT>
 void launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
   const int rows_per_warp = 8 * NT;
   p.mma_warps = static_cast<int>(cdiv(d.Rp, rows_per_warp));
@@ -1238,23 +1213,19 @@ void launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStr
   const int64_t smem1 = mma_smem_bytes<DK, T>(false, threads), smem2 = mma_smem_bytes<DK, T>(true, threads);
   static std::atomic<int64_t> granted1[64];
   static std::atomic<int64_t> granted2[64];
-  allow_smem(pass1_mma_kernel<T, DK, NT, MINB>, smem1, device, granted1);
-  allow_smem(pass2_mma_kernel<T, DK, NT, MINB>, smem2, device, granted2);
+  allow_smem(pass1_mma_kernel<T, DK, NT>, smem1, device, granted1);
+  allow_smem(pass2_mma_kernel<T, DK, NT>, smem2, device, granted2);
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
-  launch(pass1_mma_kernel<T, DK, NT, MINB>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false,
-         p);
-  launch(pass2_mma_kernel<T, DK, NT, MINB>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl,
-         p);
+  launch(pass1_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false, p);
+  launch(pass2_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl, p);
 }
 
 template <typename T>
 void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& valid, const Tensor& redundancy,
                   const ScoreOptions& o, const Tensor& scores, const Tensor& importance, const Tensor& r_out,
                   const Tensor& workspace, cudaStream_t stream) {
-  const Knobs knobs = read_knobs();
-  const int64_t B = k.shape[0], Hq = q.shape[1], Hkv = k.shape[1], N = k.shape[2], W = q.shape[2], D = k.shape[3];
-  const Dims d = make_dims(B, Hq, Hkv, N, W, D, knobs.target);
-  const Layout lay = make_layout(make_dims(B, Hq, Hkv, N, W, D));
+  const Dims d = make_dims(k.shape[0], q.shape[1], k.shape[1], k.shape[2], q.shape[2], k.shape[3]);
+  const Layout lay = make_layout(d);
   require(workspace.present && workspace.dtype == DType::u8 && workspace.ndim == 1 && workspace.contiguous(),
           "workspace must be a contiguous uint8 tensor of score_workspace_bytes(...) bytes");
   require(workspace.shape[0] >= lay.total, "workspace must hold at least ", lay.total, " bytes, got ",
@@ -1307,31 +1278,23 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.vec_k = aligned16(k.data, {k.stride[0], k.stride[1], k.stride[2], d.D}, sizeof(T));
   p.q_pairs = reinterpret_cast<std::uintptr_t>(q.data) % 4 == 0 && q.stride[0] % 2 == 0 && q.stride[1] % 2 == 0 &&
               q.stride[2] % 2 == 0;
-  p.skip = knobs.skip;
   p.need_v = o.method == Method::vnorm || o.method == Method::uniform_mix || o.method == Method::mixkv;
   p.need_kn = o.method == Method::knorm;
   p.need_d = o.method == Method::keydiff || o.method == Method::uniform_mix || o.method == Method::mixkv;
   require(int64_t(d.Rp) * d.chunks1 < (int64_t(1) << 31), "score: shape too large");
 
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
-  const bool pdl = knobs.pdl && pdl_supported(k.device_id);
+  const bool pdl = pdl_supported(k.device_id);
   MIXKV_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, 2 * sizeof(unsigned) * bh, stream));
   const bool vec_v = aligned16(v.data, {v.stride[0], v.stride[1], v.stride[2], d.D}, sizeof(T));
   bool done = false;
   if constexpr (!std::is_same_v<T, float>) {
     if (p.vec_k && (vec_v || !p.need_v) && d.strips <= kMaxStrips) {
+      // 32 rows per warp; 16 for head dimension 256 (its query fragments need twice the registers)
       if (d.D <= 64) {
-        if (knobs.nt == 2)
-          launch_passes_mma<T, 64, 2>(p, d, k.device_id, pdl, stream);
-        else
-          launch_passes_mma<T, 64, 4>(p, d, k.device_id, pdl, stream);
+        launch_passes_mma<T, 64, 4>(p, d, k.device_id, pdl, stream);
       } else if (d.D <= 128) {
-        if (knobs.nt == 2)
-          launch_passes_mma<T, 128, 2>(p, d, k.device_id, pdl, stream);
-        else if (knobs.minb == 1)
-          launch_passes_mma<T, 128, 4, 1>(p, d, k.device_id, pdl, stream);
-        else
-          launch_passes_mma<T, 128, 4>(p, d, k.device_id, pdl, stream);
+        launch_passes_mma<T, 128, 4>(p, d, k.device_id, pdl, stream);
       } else {
         launch_passes_mma<T, 256, 2>(p, d, k.device_id, pdl, stream);
       }

@@ -1,7 +1,8 @@
 """Scoring kernels alone (Qwen2-VL-7B dims, bf16, mixkv): CUDA-graph device time and per-kernel device time.
 
-Variants are environment settings read by the library at each call (``--variants name:KEY=V,KEY=V``);
-every variant's scores are compared with the first variant's.
+Variants (``--variants name:KEY=V,KEY=V``) set environment variables around their measurements, for
+tuning switches a build under study reads at each call; every variant's scores are compared with
+the first variant's.
 """
 
 from __future__ import annotations

@@ -1,18 +1,21 @@
 // Token scoring on the GPU (SPEC §1–5).
 //
 // Per (sequence b, kv head h) the G query heads × W window rows form the rows of a small matrix
-// (each head's rows padded to Wp, a multiple of 16). Keys stream in tiles of 64.
-//   pack_q    Q window -> workspace, packed [B·Hkv, G·Wp, Dp] with zero padding.
-//   pass1     per chunk of key tiles: logits (tensor cores for 16-bit inputs), per (row, chunk)
-//             running max / sum-exp, and sums of unit keys.
-//   combine   per (b, h): row max / sum over chunks, the mean unit key m, the online r.
+// (each head's rows padded to Wp, a multiple of 16). Keys stream in tiles of 64; every pass runs
+// over (chunk of key tiles, b·h) blocks. Three kernels (after zeroing two arrival counters):
+//   pass1     per chunk: logits (tensor cores for 16-bit inputs), per (row, chunk) running max /
+//             sum-exp, and sums of unit keys. The last block of each b·h to finish merges the
+//             chunks: row max / sum, the mean unit key m and the online r.
 //   pass2     per chunk of prefix tiles: logits again -> probabilities summed over the window rows,
-//             reduced over the group -> raw A; key norms, k̂·m and value norms of prefix tokens.
-//   finalize  per (b, h): pooling, min/max/means, alignment, mixing -> outputs.
+//             reduced over the group -> raw A; key norms, k̂·m and value norms of prefix tokens;
+//             per chunk, the sum of pooled A and the minima / maxima / sums of the signals. The
+//             last block of each b·h folds the chunks into the per-(b, h) mixing constants.
+//   finalize  per column: pooling and mixing -> outputs.
 // Every reduction has a fixed order, so results are identical from run to run.
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -36,14 +39,14 @@ constexpr int kTile = 64;          // keys per tile
 constexpr int kLds = kTile + 4;    // row stride of a warp's logit scratch (floats)
 constexpr int kMinWarps = 4;
 constexpr int kMaxWarps = 16;
-constexpr int kReduceThreads = 256;
-constexpr int kFinalThreads = 256;
-constexpr int kFinalCols = 1024;   // prefix columns per finalize block
-constexpr int kParts = 10;         // partial sums per finalize block
+constexpr int kFinalThreads = 256;  // finalize: one column per thread
 constexpr int kStages = 3;         // key tiles in flight in the tensor-core passes
-constexpr int kMmaWarps = 16;      // most 16-row strips the tensor-core passes hold in registers
+constexpr int kMaxStrips = 16;     // most 16-row strips (256 packed rows) the tensor-core passes take
 constexpr int kRedTokens = 256;    // tokens per block in head_redundancy
-constexpr int kTargetBlocks = 132;  // one long-running block per SM on a 132-SM GPU
+constexpr int kReduceThreads = 256;
+constexpr int kTargetBlocks = 264;  // chunks per pass: about two resident blocks per SM on a 132-SM GPU
+constexpr int kCP = 11;            // per-chunk partials of pass 2
+constexpr int kFin = 10;           // per-(b, h) mixing constants
 constexpr int64_t kAlign = 256;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -52,7 +55,7 @@ int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 // ---- shapes and workspace layout (host) ----------------------------------------------------------
 
 struct Dims {
-  int64_t B, Hq, Hkv, N, W, D, G, P, Wp, Rp, Dp, tiles, tpb, chunks1, chunks2, strips, fblocks;
+  int64_t B, Hq, Hkv, N, W, D, G, P, Wp, Rp, Dp, tiles, tpb, chunks1, chunks2, strips;
 };
 
 Dims make_dims(int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t W, int64_t D) {
@@ -64,17 +67,16 @@ Dims make_dims(int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t W, int64_t
   d.Rp = d.G * d.Wp;
   d.Dp = round_up(D, 16);
   d.tiles = cdiv(N, kTile);
-  // Tiles per block: about one block per SM, each streaming many tiles on long sequences.
+  // Tiles per block: about two resident blocks per SM, each streaming many tiles on long sequences.
   d.tpb = std::max<int64_t>(1, cdiv(d.tiles * B * Hkv, kTargetBlocks));
   d.chunks1 = cdiv(d.tiles, d.tpb);
   d.chunks2 = cdiv(cdiv(d.P, kTile), d.tpb);
   d.strips = d.Rp / 16;
-  d.fblocks = cdiv(d.P, kFinalCols);
   return d;
 }
 
 struct Layout {
-  int64_t qpack, stats, rowstat, msum, mvec, ronline, raw_a, sdot, knorm, vnorm, fpart, total;
+  int64_t counters, qpack, stats, rowstat, msum, mvec, ronline, raw_a, sdot, knorm, vnorm, cpart, fin, total;
 };
 
 Layout make_layout(const Dims& d) {
@@ -86,6 +88,7 @@ Layout make_layout(const Dims& d) {
     return at;
   };
   const int64_t bh = d.B * d.Hkv;
+  l.counters = take(2 * bh * 4);
   l.qpack = take(bh * d.Rp * d.Dp * 4);  // 4 bytes: the widest input dtype
   l.stats = take(bh * d.Rp * d.chunks1 * 8);
   l.rowstat = take(bh * d.Rp * 8);
@@ -96,7 +99,8 @@ Layout make_layout(const Dims& d) {
   l.sdot = take(bh * d.P * 4);
   l.knorm = take(bh * d.P * 4);
   l.vnorm = take(bh * d.P * 4);
-  l.fpart = take(bh * d.fblocks * kParts * 4);
+  l.cpart = take(bh * d.chunks2 * kCP * 4);
+  l.fin = take(bh * kFin * 4);
   l.total = off;
   return l;
 }
@@ -117,21 +121,24 @@ struct Params {
   float* scores;
   float* importance;  // may be null
   float* r_out;       // may be null
+  unsigned* counters;  // [2][B·Hkv] arrival counters of pass 1 and pass 2, zero at the start
   T* qpack;
-  float2* stats;
-  float2* rowstat;
-  float* msum;
-  float* mvec;
-  float* ronline;
+  float2* stats;    // [B·Hkv][chunks1][Rp] per-chunk (max, sum) of each row, base 2
+  float2* rowstat;  // [B·Hkv][Rp]
+  float* msum;      // [B·Hkv][chunks1][Dp]
+  float* mvec;      // [B·Hkv][Dp]
+  float* ronline;   // [B·Hkv]
   float* raw_a;
   float* sdot;
   float* knorm;
   float* vnorm;
-  float* fpart;
-  int B, Hkv, N, W, D, G, P, Wp, Rp, Dp, tpb, tiles, chunks1, strips, nwarps, ldk, fblocks;
+  float* cpart;  // [B·Hkv][chunks2][kCP]
+  float* fin;    // [B·Hkv][kFin]
+  int B, Hkv, N, W, D, G, P, Wp, Rp, Dp, tpb, tiles, chunks1, chunks2, strips, nwarps, ldk, mma_warps;
   int method, pooling, kernel, gqa;
   float scale, scale2;  // logit scale, and the same times log2(e): softmax statistics are kept base 2
   bool vec_k, need_v, need_kn, need_d;
+  bool q_pairs;  // query rows 4-byte aligned: element pairs load as one word
 };
 
 __device__ __forceinline__ int seq_length(const int32_t* valid, int64_t stride, int b, int N) {
@@ -160,6 +167,10 @@ __device__ __forceinline__ float apply(float a, float b) {
   return fmaxf(a, b);
 }
 
+__device__ __forceinline__ float apply_rt(Op op, float a, float b) {
+  return op == Op::sum ? a + b : (op == Op::min ? fminf(a, b) : fmaxf(a, b));
+}
+
 // Deterministic block reduction (fixed tree); every thread gets the result. `buf`: 32 floats.
 template <Op op>
 __device__ float block_reduce(float v, float* buf) {
@@ -171,6 +182,248 @@ __device__ float block_reduce(float v, float* buf) {
   float r = buf[0];
   for (int w = 1; w < nwarps; ++w) r = apply<op>(r, buf[w]);
   return r;
+}
+
+// K values at once, value k reduced with ops[k]; `buf`: at least K × 32 floats.
+template <int K>
+__device__ void block_reduce_n(float (&v)[K], const Op (&ops)[K], float (*buf)[32]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    for (int o = 16; o > 0; o >>= 1) v[k] = apply_rt(ops[k], v[k], __shfl_xor_sync(0xffffffffu, v[k], o));
+  __syncthreads();  // buf may still be read from a previous call
+  if (lane == 0)
+#pragma unroll
+    for (int k = 0; k < K; ++k) buf[k][warp] = v[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float r = buf[k][0];
+    for (int w = 1; w < nwarps; ++w) r = apply_rt(ops[k], r, buf[k][w]);
+    v[k] = r;
+  }
+}
+
+// Called by every thread of every block of a (chunk, b·h) grid at its end, after the block's global
+// writes: true in exactly one block per b·h, the last to arrive, which then sees every block's writes.
+// (Release: the barrier orders the block's writes before thread 0's device-scope fence and arrival;
+// acquire: the last block's thread 0 fences after the arrival, then the barrier.)
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
+__device__ bool last_block(unsigned* counter) {
+  __shared__ unsigned is_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fence_acq_rel_gpu();
+    const unsigned prev = atomicAdd(counter, 1u);
+    is_last = prev == gridDim.x - 1 ? 1u : 0u;
+    if (is_last) fence_acq_rel_gpu();
+  }
+  __syncthreads();
+  return is_last != 0u;
+}
+
+// Pooled importance at prefix column j (avg counts the zero padding, max ignores it).
+template <bool kCoherent>
+__device__ __forceinline__ float pooled_at(const float* raw, int j, int s0, int P, int half, bool avg, int kernel) {
+  const int lo = max(s0, j - half), hi = min(P - 1, j + half);
+  constexpr int kBatch = 8;  // independent loads in flight (kernels up to 7 take one batch)
+  float acc = avg ? 0.0f : -INFINITY;
+  for (int u0 = lo; u0 <= hi; u0 += kBatch) {
+    float x[kBatch];
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) {
+      const int u = u0 + q;
+      x[q] = u <= hi ? (kCoherent ? __ldcg(raw + u) : raw[u]) : (avg ? 0.0f : -INFINITY);
+    }
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) acc = avg ? acc + x[q] : fmaxf(acc, x[q]);
+  }
+  return avg ? acc / static_cast<float>(kernel) : acc;
+}
+
+// The valid prefix columns [a, e) that pass-2 chunk `chunk` scores (empty when a >= e).
+template <typename T>
+__device__ __forceinline__ void chunk_cols(const Params<T>& p, int chunk, int s0, int& a, int& e) {
+  a = max(chunk * p.tpb * kTile, s0);
+  e = min((chunk + 1) * p.tpb * kTile, p.P);
+}
+
+// End of pass 1 (every block): the last block of each b·h merges the chunks' row statistics and unit-
+// key sums: rowstat, mvec and the online r.
+template <typename T>
+__device__ void pass1_finish(const Params<T>& p) {
+  __shared__ float buf[32];
+  const int bh = blockIdx.y, b = bh / p.Hkv;
+  if (!last_block(p.counters + bh)) return;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  const int c_first = (s0 / kTile) / p.tpb;  // chunks before it hold padding only and wrote nothing
+  constexpr int U = 32;  // loads in flight per thread
+  for (int r = threadIdx.x; r < p.Rp; r += blockDim.x) {
+    if (r % p.Wp >= p.W) continue;
+    const float2* st = p.stats + int64_t(bh) * p.chunks1 * p.Rp + r;
+    float2 acc = make_float2(-INFINITY, 0.0f);
+    int c = c_first;
+    for (; c + U <= p.chunks1; c += U) {
+      float2 x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) x[u] = __ldcg(st + int64_t(c + u) * p.Rp);
+#pragma unroll
+      for (int u = 0; u < U; ++u) acc = merge_stat(acc, x[u]);
+    }
+    for (; c < p.chunks1; ++c) acc = merge_stat(acc, __ldcg(st + int64_t(c) * p.Rp));
+    p.rowstat[int64_t(bh) * p.Rp + r] = acc;
+  }
+  float sq = 0.0f;
+  for (int d = threadIdx.x; d < p.Dp; d += blockDim.x) {
+    const float* ms = p.msum + int64_t(bh) * p.chunks1 * p.Dp + d;
+    float acc = 0.0f;
+    int c = c_first;
+    for (; c + U <= p.chunks1; c += U) {
+      float x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) x[u] = __ldcg(ms + int64_t(c + u) * p.Dp);
+#pragma unroll
+      for (int u = 0; u < U; ++u) acc += x[u];
+    }
+    for (; c < p.chunks1; ++c) acc += __ldcg(ms + int64_t(c) * p.Dp);
+    const float m = acc / static_cast<float>(n);
+    p.mvec[int64_t(bh) * p.Dp + d] = m;
+    sq = fmaf(m, m, sq);
+  }
+  sq = block_reduce<Op::sum>(sq, buf);
+  if (threadIdx.x == 0) {
+    const float r = n < 2 ? 0.0f : (static_cast<float>(n) * sq - 1.0f) / static_cast<float>(n - 1);
+    p.ronline[bh] = fminf(1.0f, fmaxf(0.0f, r));
+  }
+}
+
+// End of pass 2 (every block, after its raw_a / norm writes): the chunk's partials — the sum of the
+// pooled importance over its columns whose pooling window lies inside the chunk, and for each signal
+// (value norm, −key norm, −k̂·m) the minimum, maximum and Σ(x − minimum). The last block of each b·h
+// adds the pooled importance of the remaining columns, folds the chunks in order and writes the
+// mixing constants fin = {r, then (lo, range, factor) for each signal}.
+template <typename T>
+__device__ void pass2_finish(const Params<T>& p) {
+  __shared__ float buf[8][32];
+  __shared__ float tot[10];
+  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  const int64_t col0 = int64_t(bh) * p.P;
+  const float* raw = p.raw_a + col0;
+  const int half = p.kernel / 2;
+  const bool avg = p.pooling == static_cast<int>(Pooling::avg);
+  const bool need[3] = {p.need_v, p.need_kn, p.need_d};
+  const float* sig[3] = {p.vnorm + col0, p.knorm + col0, p.sdot + col0};
+  const float sign[3] = {1.0f, -1.0f, -1.0f};
+  int a, e;
+  chunk_cols(p, chunk, s0, a, e);
+  __syncthreads();  // the block's own raw_a / norm writes are visible to all its threads
+  float sum_a = 0.0f, lo[3], hi[3], ref[3], rel[3];
+#pragma unroll
+  for (int s = 0; s < 3; ++s) lo[s] = INFINITY, hi[s] = -INFINITY, ref[s] = 0.0f, rel[s] = 0.0f;
+  int cnt = 0;
+  for (int j = a + static_cast<int>(threadIdx.x); j < e; j += blockDim.x) {
+    const bool inside = !((a > s0 && j - half < a) || (e < p.P && j + half >= e));
+    if (inside) sum_a += pooled_at<false>(raw, j, s0, p.P, half, avg, p.kernel);
+#pragma unroll
+    for (int s = 0; s < 3; ++s) {
+      if (!need[s]) continue;
+      const float x = sign[s] * sig[s][j];
+      if (cnt == 0) ref[s] = x;
+      lo[s] = fminf(lo[s], x), hi[s] = fmaxf(hi[s], x), rel[s] += x - ref[s];
+    }
+    ++cnt;
+  }
+  float r1[7] = {sum_a, lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]};
+  const Op ops1[7] = {Op::sum, Op::min, Op::max, Op::min, Op::max, Op::min, Op::max};
+  block_reduce_n(r1, ops1, buf);
+  float r2[3];
+#pragma unroll
+  for (int s = 0; s < 3; ++s) r2[s] = (need[s] && cnt > 0) ? rel[s] + static_cast<float>(cnt) * (ref[s] - r1[1 + 2 * s]) : 0.0f;
+  const Op ops2[3] = {Op::sum, Op::sum, Op::sum};
+  block_reduce_n(r2, ops2, buf);
+  if (threadIdx.x == 0) {
+    float* out = p.cpart + (int64_t(bh) * p.chunks2 + chunk) * kCP;
+    out[0] = r1[0];
+    out[1] = static_cast<float>(max(0, e - a));
+#pragma unroll
+    for (int s = 0; s < 3; ++s) out[2 + 3 * s] = r1[1 + 2 * s], out[3 + 3 * s] = r1[2 + 2 * s], out[4 + 3 * s] = r2[s];
+  }
+  if (!last_block(p.counters + p.B * p.Hkv + bh)) return;
+  const int np = p.P - s0;
+  // Pooled importance of the columns whose window reaches into a neighbouring chunk.
+  float dsum = 0.0f;
+  if (np > 0 && half > 0) {
+    const int per = 2 * half;
+    const int64_t total = int64_t(p.chunks2) * per;
+    for (int64_t idx = threadIdx.x; idx < total; idx += blockDim.x) {
+      const int c = static_cast<int>(idx / per), k = static_cast<int>(idx % per);
+      int ca, ce;
+      chunk_cols(p, c, s0, ca, ce);
+      if (ca >= ce) continue;
+      int j;
+      bool deferred;
+      if (k < half) {  // the chunk's first `half` columns
+        j = ca + k;
+        if (j >= ce) continue;
+        deferred = ca > s0 || (ce < p.P && j + half >= ce);
+      } else {  // its last `half` columns, unless counted above
+        j = ce - half + (k - half);
+        if (j < ca + half) continue;
+        deferred = ce < p.P;
+      }
+      if (deferred) dsum += pooled_at<true>(raw, j, s0, p.P, half, avg, p.kernel);
+    }
+  }
+  float r3[1] = {dsum};
+  const Op ops3[1] = {Op::sum};
+  block_reduce_n(r3, ops3, buf);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float* cp = p.cpart + int64_t(bh) * p.chunks2 * kCP;
+  if (warp == 0) {
+    float acc = 0.0f;
+    for (int c = lane; c < p.chunks2; c += 32) acc += __ldcg(cp + c * kCP);
+    acc = warp_sum(acc);
+    if (lane == 0) tot[0] = acc + r3[0];
+  } else if (warp <= 3 && need[warp - 1]) {
+    // This lane's chunks: minimum, maximum and Σ(x − minimum), re-based when the minimum drops.
+    const int s = warp - 1;
+    float l = INFINITY, u = -INFINITY, acc = 0.0f, cnt = 0.0f;
+    for (int c = lane; c < p.chunks2; c += 32) {
+      const float* q = cp + c * kCP;
+      const float cn = __ldcg(q + 1), cl = __ldcg(q + 2 + 3 * s), ch = __ldcg(q + 3 + 3 * s), cs = __ldcg(q + 4 + 3 * s);
+      if (cn == 0.0f) continue;
+      if (cl < l) {
+        if (cnt > 0.0f) acc += cnt * (l - cl);
+        l = cl;
+      }
+      u = fmaxf(u, ch), acc += cs + cn * (cl - l), cnt += cn;
+    }
+    float lo_all = l, hi_all = u;
+    for (int o = 16; o > 0; o >>= 1) {
+      lo_all = fminf(lo_all, __shfl_xor_sync(0xffffffffu, lo_all, o));
+      hi_all = fmaxf(hi_all, __shfl_xor_sync(0xffffffffu, hi_all, o));
+    }
+    acc = warp_sum(cnt > 0.0f ? acc + cnt * (l - lo_all) : 0.0f);
+    if (lane == 0) tot[1 + 3 * s] = lo_all, tot[2 + 3 * s] = hi_all, tot[3 + 3 * s] = acc;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float* f = p.fin + int64_t(bh) * kFin;
+    f[0] = p.red != nullptr ? p.red[(p.red_rows == 1 ? 0 : b) * p.red_s0 + h * p.red_s1] : __ldcg(p.ronline + bh);
+    for (int k = 1; k < kFin; ++k) f[k] = 0.0f;
+    if (np > 0) {
+      const float fnp = static_cast<float>(np), mean_a = tot[0] / fnp;
+      for (int s = 0; s < 3; ++s) {
+        if (!need[s]) continue;
+        // mean of the min-max normalised signal: (mean(x) − lo) / range
+        const float range = tot[2 + 3 * s] - tot[1 + 3 * s] + 1e-8f;
+        const float mnorm = fmaxf(0.0f, tot[3 + 3 * s] / fnp / range);
+        f[1 + 3 * s] = tot[1 + 3 * s], f[2 + 3 * s] = range, f[3 + 3 * s] = mean_a / (mnorm + 1e-8f);
+      }
+    }
+  }
 }
 
 // Copy key rows j0 .. j0+63 of one (b, h) into shared memory, zero outside [lo, hi) and past D.
@@ -256,7 +509,28 @@ __host__ __device__ inline Smem smem_layout(int ldk, int elem, int nwarps, int D
   return s;
 }
 
-// ---- kernels -------------------------------------------------------------------------------------
+// Raw importance of one key tile: per column, the window-row sums of each query head's strips
+// (stripcol [G * strips_per_head][kTile]) averaged over the W window rows, then reduced over the
+// G heads of the group (mean or max). Called by every thread of the block.
+template <typename T>
+__device__ void store_raw_importance(const Params<T>& p, const float* stripcol, int strips_per_head, int j0, int s0,
+                                     int64_t col0) {
+  for (int c = threadIdx.x; c < kTile; c += blockDim.x) {
+    const int j = j0 + c;
+    if (j < s0 || j >= p.P) continue;
+    float red = p.gqa == static_cast<int>(GqaReduce::max) ? -INFINITY : 0.0f;
+    for (int g = 0; g < p.G; ++g) {
+      float a = 0.0f;
+      for (int u = 0; u < strips_per_head; ++u) a += stripcol[(g * strips_per_head + u) * kTile + c];
+      a /= static_cast<float>(p.W);
+      red = p.gqa == static_cast<int>(GqaReduce::max) ? fmaxf(red, a) : red + a;
+    }
+    if (p.gqa != static_cast<int>(GqaReduce::max)) red /= static_cast<float>(p.G);
+    p.raw_a[col0 + j] = red;
+  }
+}
+
+// ---- generic kernels (any dtype or alignment) -----------------------------------------------------
 
 template <typename T>
 __global__ void pack_q_kernel(Params<T> p) {
@@ -270,12 +544,12 @@ __global__ void pack_q_kernel(Params<T> p) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxWarps * 32) pass1_kernel(Params<T> p) {
+__device__ void pass1_tiles(const Params<T>& p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int tile_begin = chunk * p.tpb, tile_end = min(p.tiles, tile_begin + p.tpb);
-  if (tile_end * kTile <= s0) return;  // padding only; `combine` skips this chunk
+  if (tile_end * kTile <= s0) return;  // padding only; the combine skips this chunk
   const Smem lay = smem_layout(p.ldk, sizeof(T), p.nwarps, p.Dp, p.strips, false);
   T* tile = reinterpret_cast<T*>(smem + lay.tile);
   float* scratch = reinterpret_cast<float*>(smem + lay.scratch);
@@ -328,7 +602,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) pass1_kernel(Params<T> p) {
       }
       const float2 other = make_float2(__shfl_xor_sync(0xffffffffu, st.x, 1), __shfl_xor_sync(0xffffffffu, st.y, 1));
       if (half == 0 && i < p.W) {
-        float2* slot = p.stats + (int64_t(bh) * p.Rp + rloc) * p.chunks1 + chunk;
+        float2* slot = p.stats + (int64_t(bh) * p.chunks1 + chunk) * p.Rp + rloc;
         const float2 here = merge_stat(st, other);
         *slot = first ? here : merge_stat(*slot, here);
       }
@@ -341,364 +615,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32) pass1_kernel(Params<T> p) {
     p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = d < p.D ? usum[d] : 0.0f;
 }
 
-// Rows: one warp per packed row merges its per-chunk (max, sum) pairs. The last block along y: the
-// mean unit key m and the online r.
 template <typename T>
-__global__ void __launch_bounds__(kReduceThreads) combine_kernel(Params<T> p) {
-  __shared__ float buf[32];
-  const int bh = blockIdx.x, b = bh / p.Hkv;
-  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
-  const int c_first = (s0 / kTile) / p.tpb;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, rows_per_block = kReduceThreads / 32;
-  if (static_cast<int>(blockIdx.y) < static_cast<int>(gridDim.y) - 1) {
-    const int r = blockIdx.y * rows_per_block + warp;
-    if (r >= p.Rp || r % p.Wp >= p.W) return;  // whole warp
-    const float2* st = p.stats + (int64_t(bh) * p.Rp + r) * p.chunks1;
-    float2 acc = make_float2(-INFINITY, 0.0f);
-    for (int c = c_first + lane; c < p.chunks1; c += 32) acc = merge_stat(acc, st[c]);
-    for (int o = 16; o > 0; o >>= 1) {
-      const float2 other = make_float2(__shfl_xor_sync(0xffffffffu, acc.x, o), __shfl_xor_sync(0xffffffffu, acc.y, o));
-      acc = merge_stat(acc, other);
-    }
-    if (lane == 0) p.rowstat[int64_t(bh) * p.Rp + r] = acc;
-    return;
-  }
-  float sq = 0.0f;
-  for (int d = threadIdx.x; d < p.Dp; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int c = c_first; c < p.chunks1; ++c) acc += p.msum[(int64_t(bh) * p.chunks1 + c) * p.Dp + d];
-    const float m = acc / static_cast<float>(n);
-    p.mvec[int64_t(bh) * p.Dp + d] = m;
-    sq = fmaf(m, m, sq);
-  }
-  sq = block_reduce<Op::sum>(sq, buf);
-  if (threadIdx.x == 0) {
-    const float r = n < 2 ? 0.0f : (static_cast<float>(n) * sq - 1.0f) / static_cast<float>(n - 1);
-    p.ronline[bh] = fminf(1.0f, fmaxf(0.0f, r));
-  }
-}
-
-// ---- tensor-core passes (16-bit inputs, 16-byte aligned rows, at most kMmaWarps strips) -----------
-// One block per (chunk of key tiles, b·h); warp s < strips holds the A fragments of packed query
-// rows 16s..16s+15 in registers for the whole chunk; key (and value) tiles stream through a
-// kStages-deep cp.async ring. DK: the head dimension rounded up to 64, 128 or 256.
-
-template <int DK, typename T>
-__host__ __device__ constexpr int mma_ldk() {
-  return DK + 8;  // 16-byte row padding: ldmatrix row addresses fall in distinct banks
-}
-
-template <typename T, int DK>
-__device__ __forceinline__ void load_q_fragments(const Params<T>& p, int b, int h, int warp, int lane,
-                                                 uint32_t (&qa)[DK / 16][4]) {
-  using score_detail::pack_pair;
-  const int g8 = lane >> 2, t = lane & 3;
-  const T zero = from_float<T>(0.0f);
-  const T* rows[2];
-  bool ok[2];
-#pragma unroll
-  for (int u = 0; u < 2; ++u) {
-    const int r = warp * 16 + g8 + 8 * u, g = r / p.Wp, i = r % p.Wp;
-    ok[u] = i < p.W;
-    rows[u] = p.q + b * p.qs0 + int64_t(h * p.G + g) * p.qs1 + int64_t(i) * p.qs2;
-  }
-#pragma unroll
-  for (int ks = 0; ks < DK / 16; ++ks) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int c = ks * 16 + 2 * t + 8 * half;
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const bool in = ok[u] && c < p.D;  // D % 8 == 0: both columns of the pair agree
-        qa[ks][2 * half + u] = in ? pack_pair(rows[u][c], rows[u][c + 1]) : pack_pair(zero, zero);
-      }
-    }
-  }
-}
-
-// Issue the cp.async copies of rows j0..j0+63 (zero outside [lo, hi) and past D) into `dst`.
-template <typename T, int DK>
-__device__ __forceinline__ void issue_tile(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
-                                           T* dst) {
-  constexpr int LDK = mma_ldk<DK, T>(), CH = DK / 8;
-  for (int idx = threadIdx.x; idx < kTile * CH; idx += blockDim.x) {
-    const int r = idx / CH, c = (idx % CH) * 8, j = j0 + r;
-    const bool ok = j >= lo && j < hi && c < D;
-    score_detail::cp_async16(dst + r * LDK + c, ok ? base + int64_t(j) * row_stride + c : base, ok);
-  }
-}
-
-// Online (max, sum of 2^(x - max)) over 16 base-2 logits.
-__device__ __forceinline__ void online_update(float& m, float& s, const float (&v)[16]) {
-  float t = v[0];
-#pragma unroll
-  for (int k = 1; k < 16; ++k) t = fmaxf(t, v[k]);
-  const float mn = fmaxf(m, t);
-  if (mn == -INFINITY) return;
-  float acc = 0.0f;
-#pragma unroll
-  for (int k = 0; k < 16; ++k) acc += fast_exp2(v[k] - mn);
-  s = fmaf(s, fast_exp2(m - mn), acc);
-  m = mn;
-}
-
-template <typename T, int DK>
-__global__ void __launch_bounds__(kMmaWarps * 32, 1) pass1_mma_kernel(Params<T> p) {
-  constexpr int LDK = mma_ldk<DK, T>();
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* ring = reinterpret_cast<T*>(smem);                                          // [kStages][64][LDK]
-  float* usum = reinterpret_cast<float*>(smem + kStages * kTile * LDK * sizeof(T));  // [warps][DK]
-  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
-  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
-  const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(p.tiles, (chunk + 1) * p.tpb);
-  if (t_begin >= t_end) return;  // padding only; `combine` skips this chunk
-  const int ntiles = t_end - t_begin;
-  const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
-  const T* kbase = p.k + b * p.ks0 + h * p.ks1;
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < ntiles) issue_tile<T, DK>(kbase, p.ks2, (t_begin + st) * kTile, s0, p.N, p.D, ring + st * kTile * LDK);
-    score_detail::cp_async_commit();
-  }
-  // Row work: LPR lanes per key row, lane part c owns columns 8c..8c+7 and 8(c+LPR)..8(c+LPR)+7.
-  constexpr int LPR = DK / 16, RPS = 32 / LPR;
-  const int slot = lane / LPR, part = lane % LPR;
-  float uacc[16];
-#pragma unroll
-  for (int k = 0; k < 16; ++k) uacc[k] = 0.0f;
-  const bool mma_warp = warp < p.strips;
-  uint32_t qa[DK / 16][4];
-  if (mma_warp) load_q_fragments<T, DK>(p, b, h, warp, lane, qa);
-  const int g8 = lane >> 2, t4 = lane & 3;
-  int last[2];
-  bool row_ok[2];
-#pragma unroll
-  for (int u = 0; u < 2; ++u) {
-    const int i = (warp * 16 + g8 + 8 * u) % p.Wp;
-    row_ok[u] = mma_warp && i < p.W;
-    last[u] = p.P + i;  // causal: window row i sees keys up to P + i
-  }
-  float rm[2] = {-INFINITY, -INFINITY}, rs[2] = {0.0f, 0.0f};
-  for (int it = 0; it < ntiles; ++it) {
-    score_detail::cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (it + kStages - 1 < ntiles)
-      issue_tile<T, DK>(kbase, p.ks2, (t_begin + it + kStages - 1) * kTile, s0, p.N, p.D,
-                        ring + ((it + kStages - 1) % kStages) * kTile * LDK);
-    score_detail::cp_async_commit();
-    const T* tile = ring + (it % kStages) * kTile * LDK;
-    const int j0 = (t_begin + it) * kTile;
-    // Sums of unit keys (padding rows are zero: 0 · 1e12 = 0), in registers.
-    for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
-      float x[16];
-      score_detail::load_eight(tile + r * LDK + 8 * part, x);
-      score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
-      float ss = 0.0f;
-#pragma unroll
-      for (int k = 0; k < 16; ++k) ss = fmaf(x[k], x[k], ss);
-#pragma unroll
-      for (int o = 1; o < LPR; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-      const float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
-#pragma unroll
-      for (int k = 0; k < 16; ++k) uacc[k] = fmaf(x[k], inv, uacc[k]);
-    }
-    if (mma_warp) {
-      float acc[8][4];
-      score_detail::tile_logits<T, DK / 16, LDK>(qa, tile, lane, acc);
-      const bool edge = j0 < s0 || j0 + kTile - 1 > p.P;
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        float v[16];
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float l = acc[nt][2 * u + e] * p.scale2;
-            if (edge) {
-              const int j = j0 + nt * 8 + 2 * t4 + e;
-              if (j < s0 || j > last[u]) l = -INFINITY;
-            }
-            v[nt * 2 + e] = l;
-          }
-        online_update(rm[u], rs[u], v);
-      }
-    }
-  }
-#pragma unroll
-  for (int u = 0; u < 2; ++u) {
-    float2 st = make_float2(rm[u], rs[u]);
-    for (int o = 1; o < 4; o <<= 1) {
-      const float2 other = make_float2(__shfl_xor_sync(0xffffffffu, st.x, o), __shfl_xor_sync(0xffffffffu, st.y, o));
-      st = merge_stat(st, other);
-    }
-    if (row_ok[u] && t4 == 0) p.stats[(int64_t(bh) * p.Rp + warp * 16 + g8 + 8 * u) * p.chunks1 + chunk] = st;
-  }
-#pragma unroll
-  for (int k = 0; k < 16; ++k)
-    for (int o = LPR; o < 32; o <<= 1) uacc[k] += __shfl_xor_sync(0xffffffffu, uacc[k], o);
-  if (slot == 0)
-#pragma unroll
-    for (int k = 0; k < 16; ++k) usum[warp * DK + 8 * (part + (k >> 3) * LPR) + (k & 7)] = uacc[k];
-  __syncthreads();
-  for (int d = tid; d < p.Dp; d += nthreads) {
-    float s = 0.0f;
-    if (d < p.D)
-      for (int w = 0; w < nwarps; ++w) s += usum[w * DK + d];
-    p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
-  }
-}
-
-// Raw importance of one key tile: per column, the window-row sums of each query head's strips
-// (stripcol [G * strips_per_head][kTile]) averaged over the W window rows, then reduced over the
-// G heads of the group (mean or max). Called by every thread of the block.
-template <typename T>
-__device__ void store_raw_importance(const Params<T>& p, const float* stripcol, int strips_per_head, int j0, int s0,
-                                     int64_t col0) {
-  for (int c = threadIdx.x; c < kTile; c += blockDim.x) {
-    const int j = j0 + c;
-    if (j < s0 || j >= p.P) continue;
-    float red = p.gqa == static_cast<int>(GqaReduce::max) ? -INFINITY : 0.0f;
-    for (int g = 0; g < p.G; ++g) {
-      float a = 0.0f;
-      for (int u = 0; u < strips_per_head; ++u) a += stripcol[(g * strips_per_head + u) * kTile + c];
-      a /= static_cast<float>(p.W);
-      red = p.gqa == static_cast<int>(GqaReduce::max) ? fmaxf(red, a) : red + a;
-    }
-    if (p.gqa != static_cast<int>(GqaReduce::max)) red /= static_cast<float>(p.G);
-    p.raw_a[col0 + j] = red;
-  }
-}
-
-template <typename T, int DK>
-__global__ void __launch_bounds__(kMmaWarps * 32, 1) pass2_mma_kernel(Params<T> p) {
-  constexpr int LDK = mma_ldk<DK, T>();
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* kring = reinterpret_cast<T*>(smem);                       // [kStages][64][LDK]
-  T* vring = kring + kStages * kTile * LDK;                    // [kStages][64][LDK]
-  float* mkey = reinterpret_cast<float*>(vring + kStages * kTile * LDK);  // [DK]
-  float* stripcol = mkey + DK;                                 // [kMmaWarps][64]
-  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
-  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
-  const int ptiles = (p.P + kTile - 1) / kTile;
-  const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(ptiles, (chunk + 1) * p.tpb);
-  if (t_begin >= t_end) return;
-  const int ntiles = t_end - t_begin;
-  const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
-  const T* kbase = p.k + b * p.ks0 + h * p.ks1;
-  const T* vbase = p.v + b * p.vs0 + h * p.vs1;
-  auto issue = [&](int it) {
-    const int j0 = (t_begin + it) * kTile, st = it % kStages;
-    issue_tile<T, DK>(kbase, p.ks2, j0, s0, p.P, p.D, kring + st * kTile * LDK);
-    if (p.need_v) issue_tile<T, DK>(vbase, p.vs2, j0, s0, p.P, p.D, vring + st * kTile * LDK);
-  };
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < ntiles) issue(st);
-    score_detail::cp_async_commit();
-  }
-  for (int d = tid; d < DK; d += nthreads) mkey[d] = d < p.Dp ? p.mvec[int64_t(bh) * p.Dp + d] : 0.0f;
-  const bool mma_warp = warp < p.strips;
-  uint32_t qa[DK / 16][4];
-  if (mma_warp) load_q_fragments<T, DK>(p, b, h, warp, lane, qa);
-  const int g8 = lane >> 2, t4 = lane & 3;
-  float rmax[2], rinv[2];
-#pragma unroll
-  for (int u = 0; u < 2; ++u) {
-    const int r = warp * 16 + g8 + 8 * u;
-    rmax[u] = INFINITY, rinv[u] = 0.0f;  // rows past W (or a row that sees nothing) add 0
-    if (mma_warp && r % p.Wp < p.W) {
-      const float2 st = p.rowstat[int64_t(bh) * p.Rp + r];
-      if (st.x != -INFINITY && st.y > 0.0f) rmax[u] = st.x, rinv[u] = 1.0f / st.y;
-    }
-  }
-  const int strips_per_head = p.Wp / 16;
-  const int64_t col0 = int64_t(bh) * p.P;
-  constexpr int LPR = DK / 16, RPS = 32 / LPR;
-  const int slot = lane / LPR, part = lane % LPR;
-  for (int it = 0; it < ntiles; ++it) {
-    score_detail::cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (it + kStages - 1 < ntiles) issue(it + kStages - 1);
-    score_detail::cp_async_commit();
-    const T* tile = kring + (it % kStages) * kTile * LDK;
-    const T* vtile = vring + (it % kStages) * kTile * LDK;
-    const int j0 = (t_begin + it) * kTile;
-    // Per prefix token: key norm, k̂·m, value norm (LPR lanes per row; the slot's lanes agree on j).
-    for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
-      const int j = j0 + r;
-      float x[16], mk[16];
-      score_detail::load_eight(tile + r * LDK + 8 * part, x);
-      score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
-#pragma unroll
-      for (int k = 0; k < 16; ++k) mk[k] = mkey[8 * (part + (k >> 3) * LPR) + (k & 7)];
-      float ss = 0.0f, dm = 0.0f, vs = 0.0f;
-#pragma unroll
-      for (int k = 0; k < 16; ++k) ss = fmaf(x[k], x[k], ss), dm = fmaf(x[k], mk[k], dm);
-      if (p.need_v) {
-        score_detail::load_eight(vtile + r * LDK + 8 * part, x);
-        score_detail::load_eight(vtile + r * LDK + 8 * (part + LPR), x + 8);
-#pragma unroll
-        for (int k = 0; k < 16; ++k) vs = fmaf(x[k], x[k], vs);
-      }
-#pragma unroll
-      for (int o = 1; o < LPR; o <<= 1) {
-        ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        dm += __shfl_xor_sync(0xffffffffu, dm, o);
-        vs += __shfl_xor_sync(0xffffffffu, vs, o);
-      }
-      if (part == 0 && j >= s0 && j < p.P) {
-        const float norm = sqrtf(ss);
-        p.knorm[col0 + j] = norm;
-        p.sdot[col0 + j] = dm / fmaxf(norm, 1e-12f);
-        if (p.need_v) p.vnorm[col0 + j] = sqrtf(vs);
-      }
-    }
-    if (mma_warp) {
-      float acc[8][4];
-      score_detail::tile_logits<T, DK / 16, LDK>(qa, tile, lane, acc);
-      // Probabilities of the two rows, summed; v[2nt + e] is column 8nt + 2t + e.
-      float v[16];
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-          v[2 * nt + e] = fast_exp2(fmaf(acc[nt][e], p.scale2, -rmax[0])) * rinv[0] +
-                          fast_exp2(fmaf(acc[nt][2 + e], p.scale2, -rmax[1])) * rinv[1];
-      // Sum over the 8 row pairs (lane bits 2..4) as a reduce-scatter: each step halves the columns
-      // a lane carries; at the end lane (g, t) holds columns 8nt + 2t + {0, 1} with nt = g's bits.
-      const int b0 = (lane >> 2) & 1, b1 = (lane >> 3) & 1, b2 = (lane >> 4) & 1;
-      float w8[8], w4[4], w2[2];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float send = b0 ? v[i] : v[i + 8], keep = b0 ? v[i + 8] : v[i];
-        w8[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float send = b1 ? w8[i] : w8[i + 4], keep = b1 ? w8[i + 4] : w8[i];
-        w4[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const float send = b2 ? w4[i] : w4[i + 2], keep = b2 ? w4[i + 2] : w4[i];
-        w2[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
-      }
-      const int nt = b0 * 4 + b1 * 2 + b2;
-      *reinterpret_cast<float2*>(stripcol + warp * kTile + nt * 8 + 2 * t4) = make_float2(w2[0], w2[1]);
-    }
-    __syncthreads();
-    store_raw_importance(p, stripcol, strips_per_head, j0, s0, col0);
-  }
-}
-
-template <int DK, typename T>
-int64_t mma_smem_bytes(bool second) {
-  const int64_t ring = int64_t(kStages) * kTile * mma_ldk<DK, T>() * sizeof(T);
-  return second ? 2 * ring + (DK + kMmaWarps * kTile) * 4 : ring + kMmaWarps * DK * 4;
+__global__ void __launch_bounds__(kMaxWarps * 32) pass1_kernel(Params<T> p) {
+  pass1_tiles(p);
+  pass1_finish(p);
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxWarps * 32) pass2_kernel(Params<T> p) {
+__device__ void pass2_tiles(const Params<T>& p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
@@ -784,125 +708,374 @@ __global__ void __launch_bounds__(kMaxWarps * 32) pass2_kernel(Params<T> p) {
   }
 }
 
-// Finalize, step 1 (grid b·h × column blocks): pooled A (kept in `scores` for step 2), and per
-// block the partial sums, minima and maxima of step 2's statistics. Sums of a signal x are taken
-// as Σ(x − x_ref) with x_ref its first valid value, so that mean(x) − min(x) keeps its precision.
 template <typename T>
-__global__ void __launch_bounds__(kFinalThreads) finalize_stats_kernel(Params<T> p) {
-  __shared__ float buf[32];
-  const int bh = blockIdx.x, fb = blockIdx.y, b = bh / p.Hkv;
-  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
-  const int64_t col0 = int64_t(bh) * p.P;
-  float* out = p.scores + col0;
-  float* imp = p.importance != nullptr ? p.importance + col0 : nullptr;
-  const int c_begin = fb * kFinalCols, c_end = min(p.P, c_begin + kFinalCols);
-  for (int j = c_begin + threadIdx.x; j < min(s0, c_end); j += blockDim.x) {
-    out[j] = -INFINITY;
-    if (imp) imp[j] = -INFINITY;
-  }
-  if (p.P - s0 <= 0) return;
-  const float* raw = p.raw_a + col0;
-  const int half = p.kernel / 2;
-  const bool avg = p.pooling == static_cast<int>(Pooling::avg);
-  const float vref = p.need_v ? p.vnorm[col0 + s0] : 0.0f;
-  const float kref = p.need_kn ? -p.knorm[col0 + s0] : 0.0f;
-  const float dref = p.need_d ? -p.sdot[col0 + s0] : 0.0f;
-  float sum_a = 0.0f, vlo = INFINITY, vhi = -INFINITY, vsum = 0.0f, klo = INFINITY, khi = -INFINITY, ksum = 0.0f,
-        dlo = INFINITY, dhi = -INFINITY, dsum = 0.0f;
-  for (int j = max(s0, c_begin) + threadIdx.x; j < c_end; j += blockDim.x) {
-    const int lo = max(s0, j - half), hi = min(p.P - 1, j + half);
-    float acc = avg ? 0.0f : -INFINITY;
-    for (int u = lo; u <= hi; ++u) acc = avg ? acc + raw[u] : fmaxf(acc, raw[u]);
-    const float a = avg ? acc / static_cast<float>(p.kernel) : acc;
-    out[j] = a;
-    sum_a += a;
-    if (p.need_v) {
-      const float x = p.vnorm[col0 + j];
-      vlo = fminf(vlo, x), vhi = fmaxf(vhi, x), vsum += x - vref;
-    }
-    if (p.need_kn) {
-      const float x = -p.knorm[col0 + j];
-      klo = fminf(klo, x), khi = fmaxf(khi, x), ksum += x - kref;
-    }
-    if (p.need_d) {
-      const float x = -p.sdot[col0 + j];
-      dlo = fminf(dlo, x), dhi = fmaxf(dhi, x), dsum += x - dref;
-    }
-  }
-  float part[kParts] = {sum_a, vlo, vhi, vsum, klo, khi, ksum, dlo, dhi, dsum};
-  part[0] = block_reduce<Op::sum>(part[0], buf);
-  if (p.need_v) {
-    part[1] = block_reduce<Op::min>(part[1], buf), part[2] = block_reduce<Op::max>(part[2], buf);
-    part[3] = block_reduce<Op::sum>(part[3], buf);
-  }
-  if (p.need_kn) {
-    part[4] = block_reduce<Op::min>(part[4], buf), part[5] = block_reduce<Op::max>(part[5], buf);
-    part[6] = block_reduce<Op::sum>(part[6], buf);
-  }
-  if (p.need_d) {
-    part[7] = block_reduce<Op::min>(part[7], buf), part[8] = block_reduce<Op::max>(part[8], buf);
-    part[9] = block_reduce<Op::sum>(part[9], buf);
-  }
-  if (threadIdx.x == 0)
-    for (int k = 0; k < kParts; ++k) p.fpart[(int64_t(bh) * p.fblocks + fb) * kParts + k] = part[k];
+__global__ void __launch_bounds__(kMaxWarps * 32) pass2_kernel(Params<T> p) {
+  score_detail::grid_dep_wait();
+  pass2_tiles(p);
+  pass2_finish(p);
 }
 
-// Finalize, step 2 (same grid): every block folds the partials in block order, then mixes its columns.
-template <typename T>
-__global__ void __launch_bounds__(kFinalThreads) finalize_mix_kernel(Params<T> p) {
-  __shared__ float tot[kParts];
-  const int bh = blockIdx.x, fb = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
-  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
-  float r = p.ronline[bh];
-  if (p.red != nullptr) r = p.red[(p.red_rows == 1 ? 0 : b) * p.red_s0 + h * p.red_s1];
-  if (fb == 0 && threadIdx.x == 0 && p.r_out != nullptr) p.r_out[bh] = r;
-  const int np = p.P - s0;
-  if (np <= 0) return;
-  const int fb_first = s0 / kFinalCols;  // blocks before it saw no valid column
-  if (threadIdx.x < kParts) {
-    const int k = threadIdx.x;
-    const bool is_min = k == 1 || k == 4 || k == 7, is_max = k == 2 || k == 5 || k == 8;
-    float acc = is_min ? INFINITY : (is_max ? -INFINITY : 0.0f);
-    for (int f = fb_first; f < p.fblocks; ++f) {
-      const float x = p.fpart[(int64_t(bh) * p.fblocks + f) * kParts + k];
-      acc = is_min ? fminf(acc, x) : (is_max ? fmaxf(acc, x) : acc + x);
-    }
-    tot[k] = acc;
+// ---- tensor-core passes (16-bit inputs, 16-byte aligned rows, at most kMaxStrips strips) ---------
+// One block per (chunk of key tiles, b·h). Warp w < mma_warps holds packed query rows
+// NT·8·w .. NT·8·(w+1) − 1 as B fragments in registers for the whole chunk and computes, per 16-key
+// slab of a tile, the transposed logits (keys × rows): a key's values of all the warp's rows sit in
+// the four lanes of one lane group, so row statistics stay per lane across tiles and column sums
+// need two shuffles. Key (and value) tiles stream through a kStages-deep cp.async ring; the other
+// row-wise work (unit keys, norms) is shared by all warps. DK: the head dimension rounded up to 64,
+// 128 or 256.
+
+template <typename T, int DK, int NT>
+__device__ __forceinline__ void load_q_fragments(const Params<T>& p, int b, int h, int warp, int lane,
+                                                 uint32_t (&qb)[NT][DK / 16][2]) {
+  using score_detail::pack_pair;
+  const int g8 = lane >> 2, t = lane & 3;
+  const T zero = from_float<T>(0.0f);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int r = warp * 8 * NT + nt * 8 + g8, g = r / p.Wp, i = r % p.Wp;
+    const bool ok = r < p.Rp && i < p.W;
+    const T* row = p.q + b * p.qs0 + int64_t(h * p.G + (ok ? g : 0)) * p.qs1 + int64_t(ok ? i : 0) * p.qs2;
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ++ks)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int c = ks * 16 + 2 * t + 8 * u;  // D % 8 == 0: both elements of a pair lie inside or outside
+        if (p.q_pairs)
+          qb[nt][ks][u] = (ok && c < p.D) ? *reinterpret_cast<const uint32_t*>(row + c) : 0u;
+        else
+          qb[nt][ks][u] = (ok && c < p.D) ? pack_pair(row[c], row[c + 1]) : pack_pair(zero, zero);
+      }
   }
-  __syncthreads();
+}
+
+// Issue the cp.async copies of rows j0..j0+63 (zero outside [lo, hi) and past D) into `dst`.
+template <typename T, int DK>
+__device__ __forceinline__ void issue_tile(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
+                                           T* dst) {
+  constexpr int LDK = DK + 8, CH = DK / 8;  // 16-byte row padding: ldmatrix rows in distinct banks
+  for (int idx = threadIdx.x; idx < kTile * CH; idx += blockDim.x) {
+    const int r = idx / CH, c = (idx % CH) * 8, j = j0 + r;
+    const bool ok = j >= lo && j < hi && c < D;
+    score_detail::cp_async16(dst + r * LDK + c, ok ? base + int64_t(j) * row_stride + c : base, ok);
+  }
+}
+
+template <int NT>
+constexpr int mma_threads() {
+  return NT == 4 ? 256 : 512;
+}
+
+template <typename T, int DK, int NT>
+__global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pass1_mma_kernel(Params<T> p) {
+  constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* ring = reinterpret_cast<T*>(smem);                                              // [kStages][64][LDK]
+  float* usum = reinterpret_cast<float*>(smem + kStages * kTile * LDK * sizeof(T));  // [16][warps][32]
+  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(p.tiles, (chunk + 1) * p.tpb);
+  const int ntiles = t_end - t_begin;  // <= 0: padding only; the combine skips this chunk
+  const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+  if (ntiles > 0) {
+    const T* kbase = p.k + b * p.ks0 + h * p.ks1;
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) {
+      if (st < ntiles) issue_tile<T, DK>(kbase, p.ks2, (t_begin + st) * kTile, s0, p.N, p.D, ring + st * kTile * LDK);
+      score_detail::cp_async_commit();
+    }
+    // Row work: LPR lanes per key row, lane part c owns columns 8c..8c+7 and 8(c+LPR)..8(c+LPR)+7.
+    constexpr int LPR = DK / 16, RPS = 32 / LPR;
+    const int slot = lane / LPR, part = lane % LPR;
+    // This lane's 16 unit-key sums (its row slot, its columns) accumulate in shared memory, laid out
+    // [k][warp][lane] so that a warp's accesses hit 32 distinct banks.
+    float* uacc = usum + warp * 32 + lane;
+    const int ustride = nwarps * 32;
+#pragma unroll
+    for (int k = 0; k < 16; ++k) uacc[k * ustride] = 0.0f;
+    const bool mma_warp = warp < p.mma_warps;
+    uint32_t qb[NT][KS][2];
+    if (mma_warp) load_q_fragments<T, DK, NT>(p, b, h, warp, lane, qb);
+    const int g8 = lane >> 2, t4 = lane & 3;
+    const float s2 = p.scale2;
+    float rm[NT][2], rs[NT][2];  // running max of the raw logits, sum of 2^((x − max)·s2)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) rm[nt][e] = -INFINITY, rs[nt][e] = 0.0f;
+    for (int it = 0; it < ntiles; ++it) {
+      score_detail::cp_async_wait<kStages - 2>();
+      __syncthreads();
+      if (it + kStages - 1 < ntiles)
+        issue_tile<T, DK>(kbase, p.ks2, (t_begin + it + kStages - 1) * kTile, s0, p.N, p.D,
+                          ring + ((it + kStages - 1) % kStages) * kTile * LDK);
+      score_detail::cp_async_commit();
+      const T* tile = ring + (it % kStages) * kTile * LDK;
+      const int j0 = (t_begin + it) * kTile;
+      // Sums of unit keys (padding rows are zero: 0 · 1e12 = 0).
+      for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
+        float x[16];
+        score_detail::load_eight(tile + r * LDK + 8 * part, x);
+        score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
+        float ss = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) ss = fmaf(x[k], x[k], ss);
+#pragma unroll
+        for (int o = 1; o < LPR; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        const float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+#pragma unroll
+        for (int k = 0; k < 16; ++k) uacc[k * ustride] = fmaf(x[k], inv, uacc[k * ustride]);
+      }
+      if (mma_warp) {
+        const bool edge = j0 < s0 || j0 + kTile - 1 > p.P;
+#pragma unroll
+        for (int mt = 0; mt < kTile / 16; ++mt) {
+          float acc[NT][4];
+          score_detail::slab_logits<T, KS, LDK, NT>(qb, tile + mt * 16 * LDK, lane, acc);
+          if (edge) {
+#pragma unroll
+            for (int kh = 0; kh < 2; ++kh) {
+              const int j = j0 + mt * 16 + g8 + 8 * kh;
+#pragma unroll
+              for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const int last = p.P + (warp * RW + nt * 8 + 2 * t4 + e) % p.Wp;  // row i sees keys <= P + i
+                  if (j < s0 || j > last) acc[nt][2 * kh + e] = -INFINITY;
+                }
+            }
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float x0 = acc[nt][e], x1 = acc[nt][2 + e], tm = fmaxf(x0, x1);
+              if (tm > rm[nt][e]) {  // rare after the first tiles: rescale only when the max grows
+                rs[nt][e] *= fast_exp2((rm[nt][e] - tm) * s2);
+                rm[nt][e] = tm;
+              }
+              const float ms = rm[nt][e] == -INFINITY ? 0.0f : rm[nt][e] * s2;
+              rs[nt][e] += fast_exp2(fmaf(x0, s2, -ms)) + fast_exp2(fmaf(x1, s2, -ms));
+            }
+        }
+      }
+    }
+    score_detail::grid_dep_launch();
+    if (mma_warp) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float2 st = make_float2(rm[nt][e] == -INFINITY ? -INFINITY : rm[nt][e] * s2, rs[nt][e]);
+          for (int o = 4; o < 32; o <<= 1) {
+            const float2 other =
+                make_float2(__shfl_xor_sync(0xffffffffu, st.x, o), __shfl_xor_sync(0xffffffffu, st.y, o));
+            st = merge_stat(st, other);
+          }
+          const int r = warp * RW + nt * 8 + 2 * t4 + e;
+          if (g8 == 0 && r < p.Rp && r % p.Wp < p.W) p.stats[(int64_t(bh) * p.chunks1 + chunk) * p.Rp + r] = st;
+        }
+    }
+    __syncthreads();
+    for (int d = tid; d < p.Dp; d += nthreads) {
+      // column d is value k = 8·(c / LPR) + d % 8 of lane part c % LPR, with c = d / 8
+      const int c8 = d >> 3, k = (c8 / LPR) * 8 + (d & 7), pt = c8 % LPR;
+      float s = 0.0f;
+      if (d < p.D)
+        for (int w = 0; w < nwarps; ++w)
+          for (int sl = 0; sl < RPS; ++sl) s += usum[(k * nwarps + w) * 32 + sl * LPR + pt];
+      p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
+    }
+  }
+  pass1_finish(p);
+}
+
+
+template <typename T, int DK, int NT>
+__global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pass2_mma_kernel(Params<T> p) {
+  constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT, SPW = NT / 2, M = 8 * SPW;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* kring = reinterpret_cast<T*>(smem);                                  // [kStages][64][LDK]
+  T* vring = kring + kStages * kTile * LDK;                               // [kStages][64][LDK]
+  float* mkey = reinterpret_cast<float*>(vring + kStages * kTile * LDK);  // [DK]
+  float* stripcol = mkey + DK;                                            // [2][kMaxStrips][64]
+  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  const int ptiles = (p.P + kTile - 1) / kTile;
+  const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(ptiles, (chunk + 1) * p.tpb);
+  const int ntiles = t_end - t_begin;
+  const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+  if (ntiles > 0) {
+    const T* kbase = p.k + b * p.ks0 + h * p.ks1;
+    const T* vbase = p.v + b * p.vs0 + h * p.vs1;
+    auto issue = [&](int it) {
+      const int j0 = (t_begin + it) * kTile, st = it % kStages;
+      issue_tile<T, DK>(kbase, p.ks2, j0, s0, p.P, p.D, kring + st * kTile * LDK);
+      if (p.need_v) issue_tile<T, DK>(vbase, p.vs2, j0, s0, p.P, p.D, vring + st * kTile * LDK);
+    };
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) {
+      if (st < ntiles) issue(st);
+      score_detail::cp_async_commit();
+    }
+    const bool mma_warp = warp < p.mma_warps;
+    uint32_t qb[NT][KS][2];
+    if (mma_warp) load_q_fragments<T, DK, NT>(p, b, h, warp, lane, qb);
+    score_detail::grid_dep_wait();  // pass 1's row statistics and mean key
+    for (int d = tid; d < DK; d += nthreads) mkey[d] = d < p.Dp ? p.mvec[int64_t(bh) * p.Dp + d] : 0.0f;
+    const int g8 = lane >> 2, t4 = lane & 3;
+    const float s2 = p.scale2;
+    // p = 2^(x·s2 − c) with c = max + log2(sum); +inf (p = 0) for rows past W or that see nothing
+    float cr[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = warp * RW + nt * 8 + 2 * t4 + e;
+        cr[nt][e] = INFINITY;
+        if (mma_warp && r < p.Rp && r % p.Wp < p.W) {
+          const float2 st = p.rowstat[int64_t(bh) * p.Rp + r];
+          if (st.x != -INFINITY && st.y > 0.0f) cr[nt][e] = st.x + log2f(st.y);
+        }
+      }
+    const int strips_per_head = p.Wp / 16;
+    const int64_t col0 = int64_t(bh) * p.P;
+    constexpr int LPR = DK / 16, RPS = 32 / LPR;
+    const int slot = lane / LPR, part = lane % LPR;
+    for (int it = 0; it < ntiles; ++it) {
+      score_detail::cp_async_wait<kStages - 2>();
+      __syncthreads();
+      if (it > 0)  // the previous tile's column sums (double-buffered: one barrier per tile)
+        store_raw_importance(p, stripcol + ((it - 1) & 1) * kMaxStrips * kTile, strips_per_head,
+                             (t_begin + it - 1) * kTile, s0, col0);
+      if (it + kStages - 1 < ntiles) issue(it + kStages - 1);
+      score_detail::cp_async_commit();
+      const T* tile = kring + (it % kStages) * kTile * LDK;
+      const T* vtile = vring + (it % kStages) * kTile * LDK;
+      const int j0 = (t_begin + it) * kTile;
+      // Per prefix token: key norm, k̂·m, value norm (LPR lanes per row; the slot's lanes agree on j).
+      for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
+        const int j = j0 + r;
+        float x[16], mk[16];
+        score_detail::load_eight(tile + r * LDK + 8 * part, x);
+        score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
+#pragma unroll
+        for (int k = 0; k < 16; ++k) mk[k] = mkey[8 * (part + (k >> 3) * LPR) + (k & 7)];
+        float ss = 0.0f, dm = 0.0f, vs = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) ss = fmaf(x[k], x[k], ss), dm = fmaf(x[k], mk[k], dm);
+        if (p.need_v) {
+          score_detail::load_eight(vtile + r * LDK + 8 * part, x);
+          score_detail::load_eight(vtile + r * LDK + 8 * (part + LPR), x + 8);
+#pragma unroll
+          for (int k = 0; k < 16; ++k) vs = fmaf(x[k], x[k], vs);
+        }
+#pragma unroll
+        for (int o = 1; o < LPR; o <<= 1) {
+          ss += __shfl_xor_sync(0xffffffffu, ss, o);
+          dm += __shfl_xor_sync(0xffffffffu, dm, o);
+          vs += __shfl_xor_sync(0xffffffffu, vs, o);
+        }
+        if (part == 0 && j >= s0 && j < p.P) {
+          const float norm = sqrtf(ss);
+          p.knorm[col0 + j] = norm;
+          p.sdot[col0 + j] = dm / fmaxf(norm, 1e-12f);
+          if (p.need_v) p.vnorm[col0 + j] = sqrtf(vs);
+        }
+      }
+      if (mma_warp) {
+        // v[(mt·2 + kh)·SPW + s]: this lane's probabilities of key 16mt + g + 8kh summed over its rows
+        // of strip s (two n8 tiles, two rows each).
+        float v[M];
+#pragma unroll
+        for (int mt = 0; mt < kTile / 16; ++mt) {
+          float acc[NT][4];
+          score_detail::slab_logits<T, KS, LDK, NT>(qb, tile + mt * 16 * LDK, lane, acc);
+#pragma unroll
+          for (int kh = 0; kh < 2; ++kh)
+#pragma unroll
+            for (int s = 0; s < SPW; ++s) {
+              float sum = 0.0f;
+#pragma unroll
+              for (int q = 0; q < 2; ++q)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                  sum += fast_exp2(fmaf(acc[2 * s + q][2 * kh + e], s2, -cr[2 * s + q][e]));
+              v[(mt * 2 + kh) * SPW + s] = sum;
+            }
+        }
+        // Sum over the four lanes of a group (t = lane & 3) as a reduce-scatter: bit 0 of t keeps
+        // slabs 2, 3 (else 0, 1), bit 1 keeps the odd slab; each lane ends with 2·SPW sums.
+        const int tb0 = t4 & 1, tb1 = (t4 >> 1) & 1;
+#pragma unroll
+        for (int i = 0; i < M / 2; ++i) {
+          const float send = tb0 ? v[i] : v[i + M / 2], keep = tb0 ? v[i + M / 2] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 1);
+        }
+#pragma unroll
+        for (int i = 0; i < M / 4; ++i) {
+          const float send = tb1 ? v[i] : v[i + M / 4], keep = tb1 ? v[i + M / 4] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+        }
+        float* col = stripcol + (it & 1) * kMaxStrips * kTile;
+        const int mt = 2 * tb0 + tb1;
+#pragma unroll
+        for (int i = 0; i < M / 4; ++i) {
+          const int kh = i / SPW, s = i % SPW, strip = warp * SPW + s;
+          if (strip < p.strips) col[strip * kTile + mt * 16 + g8 + 8 * kh] = v[i];
+        }
+      }
+    }
+    __syncthreads();
+    store_raw_importance(p, stripcol + ((ntiles - 1) & 1) * kMaxStrips * kTile, strips_per_head,
+                         (t_begin + ntiles - 1) * kTile, s0, col0);
+  } else {
+    score_detail::grid_dep_wait();
+  }
+  score_detail::grid_dep_launch();
+  pass2_finish(p);
+}
+
+template <int DK, typename T>
+int64_t mma_smem_bytes(bool second, int threads) {
+  const int64_t ring = int64_t(kStages) * kTile * (DK + 8) * sizeof(T);
+  return second ? 2 * ring + (DK + 2 * kMaxStrips * kTile) * 4 : ring + int64_t(threads / 32) * 32 * 16 * 4;
+}
+
+// Per column: pooling and mixing with pass 2's constants; -inf on padding; r_out.
+template <typename T>
+__global__ void __launch_bounds__(kFinalThreads) finalize_kernel(Params<T> p) {
+  score_detail::grid_dep_wait();
+  const int bh = blockIdx.y, b = bh / p.Hkv;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  const float* f = p.fin + int64_t(bh) * kFin;
+  const float r = f[0];
+  if (blockIdx.x == 0 && threadIdx.x == 0 && p.r_out != nullptr) p.r_out[bh] = r;
+  const int j = blockIdx.x * kFinalThreads + threadIdx.x;
+  if (j >= p.P) return;
   const int64_t col0 = int64_t(bh) * p.P;
-  const float fnp = static_cast<float>(np);
-  const float mean_a = tot[0] / fnp;
-  // mean of a min-max normalised signal: (mean(x) − lo) / range, mean(x) − lo = Σ(x − x_ref)/np + (x_ref − lo)
-  auto factor = [&](float lo, float hi, float sum, float ref, float& range) {
-    range = hi - lo + 1e-8f;
-    const float mnorm = fmaxf(0.0f, (sum / fnp + (ref - lo)) / range);
-    return mean_a / (mnorm + 1e-8f);
-  };
-  float vrange = 1.0f, krange = 1.0f, drange = 1.0f, fv = 0.0f, fk = 0.0f, fd = 0.0f;
-  if (p.need_v) fv = factor(tot[1], tot[2], tot[3], p.vnorm[col0 + s0], vrange);
-  if (p.need_kn) fk = factor(tot[4], tot[5], tot[6], -p.knorm[col0 + s0], krange);
-  if (p.need_d) fd = factor(tot[7], tot[8], tot[9], -p.sdot[col0 + s0], drange);
   float* out = p.scores + col0;
   float* imp = p.importance != nullptr ? p.importance + col0 : nullptr;
-  const int c_end = min(p.P, (fb + 1) * kFinalCols);
-  for (int j = max(s0, fb * kFinalCols) + threadIdx.x; j < c_end; j += blockDim.x) {
-    const float a = out[j];
-    const float vn = p.need_v ? (p.vnorm[col0 + j] - tot[1]) / vrange * fv : 0.0f;
-    const float kn = p.need_kn ? (-p.knorm[col0 + j] - tot[4]) / krange * fk : 0.0f;
-    const float dv = p.need_d ? (-p.sdot[col0 + j] - tot[7]) / drange * fd : 0.0f;
-    float s = a;
-    switch (static_cast<Method>(p.method)) {
-      case Method::attn: s = a; break;
-      case Method::keydiff: s = dv; break;
-      case Method::vnorm: s = a + vn; break;
-      case Method::knorm: s = a + kn; break;
-      case Method::uniform_mix: s = (a + dv + vn) / 3.0f; break;
-      case Method::mixkv: s = r * dv + (1.0f - r) * (a + vn); break;
-    }
-    out[j] = s;
-    if (imp) imp[j] = a;
+  if (j < s0) {
+    out[j] = -INFINITY;
+    if (imp) imp[j] = -INFINITY;
+    return;
   }
+  const float a =
+      pooled_at<false>(p.raw_a + col0, j, s0, p.P, p.kernel / 2, p.pooling == static_cast<int>(Pooling::avg), p.kernel);
+  const float vn = p.need_v ? (p.vnorm[col0 + j] - f[1]) / f[2] * f[3] : 0.0f;
+  const float kn = p.need_kn ? (-p.knorm[col0 + j] - f[4]) / f[5] * f[6] : 0.0f;
+  const float dv = p.need_d ? (-p.sdot[col0 + j] - f[7]) / f[8] * f[9] : 0.0f;
+  float s = a;
+  switch (static_cast<Method>(p.method)) {
+    case Method::attn: s = a; break;
+    case Method::keydiff: s = dv; break;
+    case Method::vnorm: s = a + vn; break;
+    case Method::knorm: s = a + kn; break;
+    case Method::uniform_mix: s = (a + dv + vn) / 3.0f; break;
+    case Method::mixkv: s = r * dv + (1.0f - r) * (a + vn); break;
+  }
+  out[j] = s;
+  if (imp) imp[j] = a;
 }
 
 // head_redundancy: per-chunk sums of unit keys, then one block per (b, h).
@@ -999,29 +1172,52 @@ bool aligned16(const void* ptr, std::initializer_list<int64_t> strides, int64_t 
   return true;
 }
 
+// Programmatic dependent launches exist from sm_90 on (cached per device).
+bool pdl_supported(int device) {
+  static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
+  const int slot = device < 0 || device >= 64 ? 63 : device;
+  int v = cache[slot].load();
+  if (v == 0) {
+    int major = 0;
+    MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    v = major >= 9 ? 2 : 1;
+    cache[slot].store(v);
+  }
+  return v == 2;
+}
+
+// One launch of a Params kernel; `pdl` lets it start while the previous kernel on the stream ends
+// (the kernel calls grid_dep_wait() before reading that kernel's results).
 template <typename T>
-void launch_combine(const Params<T>& p, const Dims& d, cudaStream_t stream) {
-  const unsigned row_blocks = static_cast<unsigned>(cdiv(d.Rp, kReduceThreads / 32));
-  combine_kernel<T><<<dim3(static_cast<unsigned>(d.B * d.Hkv), row_blocks + 1), kReduceThreads, 0, stream>>>(p);
+void launch(void (*kernel)(Params<T>), dim3 grid, int threads, int64_t smem, cudaStream_t stream, bool pdl,
+            const Params<T>& p) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(static_cast<unsigned>(threads));
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
   MIXKV_CUDA_CHECK_LAUNCH();
 }
 
-template <typename T, int DK>
-void launch_passes_mma(const Params<T>& p, const Dims& d, int device, cudaStream_t stream) {
-  const int64_t smem1 = mma_smem_bytes<DK, T>(false), smem2 = mma_smem_bytes<DK, T>(true);
+template <typename T, int DK, int NT>
+void launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
+  const int rows_per_warp = 8 * NT;
+  p.mma_warps = static_cast<int>(cdiv(d.Rp, rows_per_warp));
+  const int threads = 32 * std::max(kMinWarps, p.mma_warps);
+  const int64_t smem1 = mma_smem_bytes<DK, T>(false, threads), smem2 = mma_smem_bytes<DK, T>(true, threads);
   static std::atomic<int64_t> granted1[64];
   static std::atomic<int64_t> granted2[64];
-  allow_smem(pass1_mma_kernel<T, DK>, smem1, device, granted1);
-  allow_smem(pass2_mma_kernel<T, DK>, smem2, device, granted2);
-  const int threads = 32 * static_cast<int>(std::max<int64_t>(kMinWarps, d.strips));
+  allow_smem(pass1_mma_kernel<T, DK, NT>, smem1, device, granted1);
+  allow_smem(pass2_mma_kernel<T, DK, NT>, smem2, device, granted2);
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
-  pass1_mma_kernel<T, DK><<<dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream>>>(p);
-  MIXKV_CUDA_CHECK_LAUNCH();
-  launch_combine(p, d, stream);
-  if (d.chunks2 > 0) {
-    pass2_mma_kernel<T, DK><<<dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream>>>(p);
-    MIXKV_CUDA_CHECK_LAUNCH();
-  }
+  launch(pass1_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false, p);
+  launch(pass2_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl, p);
 }
 
 template <typename T>
@@ -1055,6 +1251,7 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.importance = importance.present ? static_cast<float*>(importance.data) : nullptr;
   p.r_out = r_out.present ? static_cast<float*>(r_out.data) : nullptr;
   auto* ws = static_cast<unsigned char*>(workspace.data);
+  p.counters = reinterpret_cast<unsigned*>(ws + lay.counters);
   p.qpack = reinterpret_cast<T*>(ws + lay.qpack);
   p.stats = reinterpret_cast<float2*>(ws + lay.stats);
   p.rowstat = reinterpret_cast<float2*>(ws + lay.rowstat);
@@ -1065,10 +1262,11 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.sdot = reinterpret_cast<float*>(ws + lay.sdot);
   p.knorm = reinterpret_cast<float*>(ws + lay.knorm);
   p.vnorm = reinterpret_cast<float*>(ws + lay.vnorm);
-  p.fpart = reinterpret_cast<float*>(ws + lay.fpart);
+  p.cpart = reinterpret_cast<float*>(ws + lay.cpart);
+  p.fin = reinterpret_cast<float*>(ws + lay.fin);
   p.B = int(d.B), p.Hkv = int(d.Hkv), p.N = int(d.N), p.W = int(d.W), p.D = int(d.D), p.G = int(d.G);
   p.P = int(d.P), p.Wp = int(d.Wp), p.Rp = int(d.Rp), p.Dp = int(d.Dp), p.tpb = int(d.tpb);
-  p.tiles = int(d.tiles), p.chunks1 = int(d.chunks1), p.strips = int(d.strips), p.fblocks = int(d.fblocks);
+  p.tiles = int(d.tiles), p.chunks1 = int(d.chunks1), p.chunks2 = int(d.chunks2), p.strips = int(d.strips);
   p.nwarps = int(std::min<int64_t>(kMaxWarps, std::max<int64_t>(kMinWarps, d.strips)));
   p.ldk = int(d.Dp + (sizeof(T) == 4 ? 4 : 8));
   p.method = static_cast<int>(o.method);
@@ -1078,22 +1276,27 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.scale = o.scale > 0.0f ? o.scale : 1.0f / std::sqrt(static_cast<float>(d.D));
   p.scale2 = p.scale * 1.4426950408889634f;
   p.vec_k = aligned16(k.data, {k.stride[0], k.stride[1], k.stride[2], d.D}, sizeof(T));
+  p.q_pairs = reinterpret_cast<std::uintptr_t>(q.data) % 4 == 0 && q.stride[0] % 2 == 0 && q.stride[1] % 2 == 0 &&
+              q.stride[2] % 2 == 0;
   p.need_v = o.method == Method::vnorm || o.method == Method::uniform_mix || o.method == Method::mixkv;
   p.need_kn = o.method == Method::knorm;
   p.need_d = o.method == Method::keydiff || o.method == Method::uniform_mix || o.method == Method::mixkv;
   require(int64_t(d.Rp) * d.chunks1 < (int64_t(1) << 31), "score: shape too large");
 
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
+  const bool pdl = pdl_supported(k.device_id);
+  MIXKV_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, 2 * sizeof(unsigned) * bh, stream));
   const bool vec_v = aligned16(v.data, {v.stride[0], v.stride[1], v.stride[2], d.D}, sizeof(T));
   bool done = false;
   if constexpr (!std::is_same_v<T, float>) {
-    if (p.vec_k && (vec_v || !p.need_v) && d.strips <= kMmaWarps) {
+    if (p.vec_k && (vec_v || !p.need_v) && d.strips <= kMaxStrips) {
+      // 32 rows per warp; 16 for head dimension 256 (its query fragments need twice the registers)
       if (d.D <= 64) {
-        launch_passes_mma<T, 64>(p, d, k.device_id, stream);
+        launch_passes_mma<T, 64, 4>(p, d, k.device_id, pdl, stream);
       } else if (d.D <= 128) {
-        launch_passes_mma<T, 128>(p, d, k.device_id, stream);
+        launch_passes_mma<T, 128, 4>(p, d, k.device_id, pdl, stream);
       } else {
-        launch_passes_mma<T, 256>(p, d, k.device_id, stream);
+        launch_passes_mma<T, 256, 2>(p, d, k.device_id, pdl, stream);
       }
       done = true;
     }
@@ -1108,19 +1311,11 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
     allow_smem(pass2_kernel<T>, smem2, k.device_id, granted2);
     pack_q_kernel<T><<<dim3(static_cast<unsigned>(d.Rp), bh), 128, 0, stream>>>(p);
     MIXKV_CUDA_CHECK_LAUNCH();
-    pass1_kernel<T><<<dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream>>>(p);
-    MIXKV_CUDA_CHECK_LAUNCH();
-    launch_combine(p, d, stream);
-    if (d.chunks2 > 0) {
-      pass2_kernel<T><<<dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream>>>(p);
-      MIXKV_CUDA_CHECK_LAUNCH();
-    }
+    launch(pass1_kernel<T>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false, p);
+    launch(pass2_kernel<T>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl, p);
   }
-  const dim3 fgrid(bh, static_cast<unsigned>(d.fblocks));
-  finalize_stats_kernel<T><<<fgrid, kFinalThreads, 0, stream>>>(p);
-  MIXKV_CUDA_CHECK_LAUNCH();
-  finalize_mix_kernel<T><<<fgrid, kFinalThreads, 0, stream>>>(p);
-  MIXKV_CUDA_CHECK_LAUNCH();
+  launch(finalize_kernel<T>, dim3(static_cast<unsigned>(cdiv(d.P, kFinalThreads)), bh), kFinalThreads, 0, stream, pdl,
+         p);
 }
 
 template <typename T>

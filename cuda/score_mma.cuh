@@ -97,24 +97,38 @@ __device__ __forceinline__ void load_eight(const T* ptr, float* x) {
   }
 }
 
-// Logits of one warp's 16 query rows (A fragments in registers, KS k-steps of 16) against a 64-key
-// tile in shared memory ([64][ldk] elements, key-major): acc[nt] is the m16n8 tile of keys 8nt..8nt+7.
-template <typename T, int KS, int LDK>
-__device__ __forceinline__ void tile_logits(const uint32_t (&qa)[KS][4], const T* tile, int lane,
-                                            float (&acc)[8][4]) {
+// Programmatic dependent launch (sm_90+; no-ops before): a kernel launched with the programmatic
+// stream-serialisation attribute may start while its predecessor finishes; it must call
+// grid_dep_wait() before touching anything the predecessor writes. grid_dep_launch() lets the
+// successor's blocks be scheduled early.
+__device__ __forceinline__ void grid_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dep_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Logits of a 16-key slab of a key tile in shared memory ([keys][LDK] elements, key-major) against
+// one warp's NT·8 packed query rows held as B fragments (qb[nt][ks] = the two registers of rows
+// 8nt..8nt+7, k-step ks): acc[nt] is the m16n8 tile (keys × rows), so lane (g, t) gets keys g and
+// g + 8 (c0, c1 / c2, c3) of rows 8nt + 2t and 8nt + 2t + 1. `slab` points at the slab's first key.
+template <typename T, int KS, int LDK, int NT>
+__device__ __forceinline__ void slab_logits(const uint32_t (&qb)[NT][KS][2], const T* slab, int lane,
+                                            float (&acc)[NT][4]) {
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-  const int mi = lane >> 3, r = lane & 7;
-  const T* base = tile + ((mi >> 1) * 8 + r) * LDK + (mi & 1) * 8;
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+  // ldmatrix.x4 matrices: (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15)
+  const T* base = slab + (((lane >> 3) & 1) * 8 + (lane & 7)) * LDK + (lane >> 4) * 8;
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
+    uint32_t a[4];
+    ldmatrix_x4(a, base + ks * 16);
 #pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      uint32_t bf[4];
-      ldmatrix_x4(bf, base + np * 16 * LDK + ks * 16);
-      mma_16816<T>(acc[2 * np], qa[ks], bf[0], bf[1]);
-      mma_16816<T>(acc[2 * np + 1], qa[ks], bf[2], bf[3]);
-    }
+    for (int nt = 0; nt < NT; ++nt) mma_16816<T>(acc[nt], a, qb[nt][ks][0], qb[nt][ks][1]);
   }
 }
 

@@ -499,7 +499,18 @@ void launch_row_clusters(const RowClusters& p, cudaStream_t stream, void (*kerne
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.dyn_bytes)));
   if (p.G > kPortableCluster)
     MIXKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
+  // Tools that instrument kernels (compute-sanitizer) can raise the registers a thread needs above
+  // what the compiled kernel reports, so a 512-thread block may no longer fit (a cluster launch
+  // then reports an invalid value). Every kernel here works with any multiple of 32 threads: the
+  // launch is retried once with 256.
+  if ((err == cudaErrorInvalidValue || err == cudaErrorLaunchOutOfResources) && cfg.blockDim.x > 256u) {
+    const cudaError_t cleared = cudaGetLastError();  // the failed launch's error, handled here
+    (void)cleared;
+    cfg.blockDim = dim3(256u);
+    err = cudaLaunchKernelEx(&cfg, kernel, args...);
+  }
+  MIXKV_CUDA_CHECK(err);
 }
 
 }  // namespace mixkv::cuda_detail::csel

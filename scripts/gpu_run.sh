@@ -47,6 +47,7 @@ for stage in $stages; do
         timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 --target-processes all \
           $PY scripts/sanitize_kernels.py >"$OUT/sanitize_$tool.log" 2>&1
         note "compute-sanitizer $tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+        grep "FAILED" "$OUT/sanitize_$tool.log" | head -8 >>"$summary"
       done
       ;;
     bench)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
 import mixkv.ops as ops
 from mixkv.store import VarlenKVStore
+
+DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def run(dtype: torch.dtype, n: int, budget: int) -> None:
@@ -59,41 +62,55 @@ def run(dtype: torch.dtype, n: int, budget: int) -> None:
     torch.cuda.synchronize()
 
 
-def run_selection_shapes() -> None:
-    """select and AdaKV capacities on long rows (clusters), many rows and large budgets, also
-    through the one-block path of devices before sm_90 (MIXKV_SELECT_MAX_CLUSTER=1)."""
+def run_selection_shapes(cap: str, part: str) -> None:
+    """select ("select") or AdaKV capacities ("adakv") on long rows (clusters), many rows and large
+    budgets; cap "1" is the one-block path of devices before sm_90 (MIXKV_SELECT_MAX_CLUSTER=1)."""
     dev = torch.device("cuda")
-    for cap in ("8", "1"):
+    gen = torch.Generator(device=dev).manual_seed(0)
+    imp = torch.rand(2, 4, 12_000, device=dev, generator=gen) ** 3
+    valid = torch.tensor([12_032, 5_000], dtype=torch.int32, device=dev)
+    many = torch.rand(2, 16, 2000, device=dev, generator=gen)
+    try:
         os.environ["MIXKV_SELECT_MAX_CLUSTER"] = cap
-        imp = torch.rand(2, 4, 12_000, device=dev) ** 3
-        valid = torch.tensor([12_032, 5_000], dtype=torch.int32, device=dev)
-        for budget in (64, 1056):
-            for normalize in (True, False):
-                caps = ops.capacities(
-                    "adakv",
-                    imp,
-                    budget=budget,
-                    window=32,
-                    layer_idx=1,
-                    num_layers=4,
-                    normalize=normalize,
-                    valid_lengths=valid,
-                )
-            ops.select(imp, caps)
-        many = torch.rand(2, 16, 2000, device=dev)
-        caps = ops.capacities("adakv", many, budget=96, window=32, layer_idx=1, num_layers=4)
-        ops.select(many, caps)
-    del os.environ["MIXKV_SELECT_MAX_CLUSTER"]
+        if part == "select":
+            for c in (0, 64, 1056, 12_000):
+                ops.select(imp, torch.full((2, 4), c, dtype=torch.int32, device=dev))
+            ops.select(many, torch.full((2, 16), 96, dtype=torch.int32, device=dev))
+        else:
+            for budget in (64, 1056):
+                for normalize in (True, False):
+                    opts = {"normalize": normalize, "valid_lengths": valid}
+                    ops.capacities("adakv", imp, budget=budget, window=32, layer_idx=1, num_layers=4, **opts)
+            ops.capacities("adakv", many, budget=96, window=32, layer_idx=1, num_layers=4)
+    finally:
+        del os.environ["MIXKV_SELECT_MAX_CLUSTER"]
     torch.cuda.synchronize()
 
 
-def main() -> None:
-    run_selection_shapes()
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        run(dtype, n=300, budget=40)
-    run(torch.bfloat16, n=5000, budget=4000)  # long segments: the split attention path
+def main() -> int:
+    sections: list[tuple[str, Callable[[], None]]] = [
+        *[
+            (f"{part}, {label}", lambda cap=cap, part=part: run_selection_shapes(cap, part))
+            for cap, label in (("8", "clusters"), ("1", "one block per row"))
+            for part in ("select", "adakv")
+        ],
+        *[(f"pipeline {dtype}", lambda dtype=dtype: run(dtype, n=300, budget=40)) for dtype in DTYPES],
+        ("long segments (split attention)", lambda: run(torch.bfloat16, n=5000, budget=4000)),
+    ]
+    failed = []
+    for name, section in sections:  # one failing section does not hide the others from the tool
+        try:
+            section()
+            print(f"sanitize driver: {name}: ran")
+        except RuntimeError as error:
+            failed.append(name)
+            print(f"sanitize driver: {name}: FAILED: {str(error).splitlines()[0]}")
+    if failed:
+        print(f"sanitize driver: {len(failed)} section(s) failed: {', '.join(failed)}")
+        return 1
     print("sanitize driver: every kernel ran")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

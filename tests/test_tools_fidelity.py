@@ -252,3 +252,14 @@ def test_small_budget_two_seeds_and_merge(tmp_path):
     again = json.loads(merged.read_text())
     assert again["summary"] == data["summary"] and again["mix_effect"] == data["mix_effect"]
     assert len(again["results"]) == 4
+
+
+@needs_cache
+def test_progress_reports_every_result(tiny):
+    from mixkv.tools.fidelity import run_fidelity
+
+    loaded, _prepared = tiny
+    seen: list[int] = []
+    specs = [CacheSpec("snapkv", False, 24, 8), CacheSpec("snapkv", True, 24, 8)]
+    rows = run_fidelity(loaded, "tiny", "tiles", 112, specs, 2, seed=5, progress=lambda rs: seen.append(len(rs)))
+    assert seen == [1, 2] and [r.mix for r in rows] == ["off", "mixkv"] and {r.seed for r in rows} == {5}

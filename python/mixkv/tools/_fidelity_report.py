@@ -175,7 +175,9 @@ def plot(rows: Sequence[dict[str, object]], path: Path) -> bool:
             pts = sorted((r for r in mine if r["cache"] == cache), key=lambda r: int(r["budget"]))  # type: ignore[call-overload]
             policy = str(pts[0]["policy"])
             style = "-" if pts[0]["mix"] == "off" else "--"
-            xs = [int(r["budget"]) for r in pts]  # type: ignore[call-overload]
+            # policies side by side around each budget, so that coinciding curves stay visible
+            shift = 1.0 + 0.025 * (policies.index(policy) - (len(policies) - 1) / 2)
+            xs = [int(r["budget"]) * shift for r in pts]  # type: ignore[call-overload]
             for row, (metric, label) in enumerate(panels):
                 ys = [float(r[metric]["mean"]) for r in pts]  # type: ignore[index]
                 es = [float(r[metric]["std"]) for r in pts]  # type: ignore[index]
@@ -184,8 +186,11 @@ def plot(rows: Sequence[dict[str, object]], path: Path) -> bool:
                 ax.set_ylabel(label)
         axes[0][col].set_title(f"{model} / {image}")
         axes[0][col].set_yscale("log")
+        axes[1][col].set_ylim(-0.05, 1.05)
+        budgets = sorted({int(r["budget"]) for r in mine})  # type: ignore[call-overload]
         for row in range(len(panels)):
             axes[row][col].set_xscale("log", base=2)
+            axes[row][col].set_xticks(budgets, [str(b) for b in budgets])
             axes[row][col].set_xlabel("budget (tokens per head)")
         axes[0][col].legend(fontsize=7)
     fig.tight_layout()

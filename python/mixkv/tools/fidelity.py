@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,7 @@ def run_fidelity(
     specs: list[CacheSpec],
     steps: int,
     seed: int = 0,
+    progress: Callable[[list[Result]], None] | None = None,
 ) -> list[Result]:
     image = synthetic_image(image_kind, image_size, seed=seed)
     prepared = prepare_inputs(loaded, image, PROMPT, image_size=image_size)
@@ -278,6 +280,8 @@ def run_fidelity(
             full_cache_bytes=got.full,
         )
         results.append(r)
+        if progress is not None:
+            progress(results)
         print(
             f"{model_name:<22} {image_kind:<6} {seed:>4} {r.cache:<18} {r.budget:>6} {r.prompt_tokens:>6} "
             f"{r.kl_mean:>10.3e} {r.top1_agreement:>7.3f} {r.attn_rel_err_mean:>10.3e}",
@@ -326,7 +330,17 @@ def _main(argv: list[str]) -> int:
         for seed in seeds:
             loaded = load_model(name, device=device, dtype=dtype, seed=seed)
             for kind in kinds:
-                results += run_fidelity(loaded, name, kind, image_size, specs, args.steps, seed=seed)
+                done = list(results)
+                results += run_fidelity(
+                    loaded,
+                    name,
+                    kind,
+                    image_size,
+                    specs,
+                    args.steps,
+                    seed=seed,
+                    progress=lambda rs, done=done: _checkpoint(Path(args.out), done + rs),
+                )
             del loaded
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -344,6 +358,12 @@ def _main(argv: list[str]) -> int:
     }
     _report(results, meta, args)
     return 0
+
+
+def _checkpoint(out: Path, results: list[Result]) -> None:
+    """The results so far (a long run that is stopped keeps them); the final report replaces the file."""
+    _tables.write_json(out, {})
+    out.write_text(json.dumps({"meta": {"partial": True}, "results": [asdict(r) for r in results]}, indent=1) + "\n")
 
 
 def _merge(args: argparse.Namespace) -> int:

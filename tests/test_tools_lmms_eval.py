@@ -65,6 +65,8 @@ def test_model_args_are_parsed_and_checked():
         cls(policy="streaming", dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="mix"):
         cls(mix="sometimes", dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="sparsemm_table"):
+        cls(policy="sparsemm", dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="score"):
         cls(score="perplexity", dtype="float32", device="cpu")
     assert cls(dtype="float32", device="cpu").score == "loss"

@@ -154,3 +154,30 @@ def test_multiple_choice_scores_are_the_wrappers_and_ranked_lowest_first(run):
         assert all(v > 0 for v, _ in mine)  # mean negative log-likelihood per token
         best = min(range(len(mine)), key=lambda i: mine[i][0])
         assert s["acc"] == float(best == doc["label"])
+
+
+def _entry_point_declared() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.name == "mixkv" for ep in entry_points(group="lmms_eval.models"))
+
+
+@pytest.mark.skipif(not _entry_point_declared(), reason="mixkv is not installed with its lmms_eval.models entry point")
+def test_plain_lmms_eval_command_finds_the_model(run):
+    """``python -m lmms_eval --model mixkv`` (no mixkv launcher): the installed entry point registers it."""
+    root, tiny, _log = run
+    argv = tiny.command(root, MODEL_ARGS, limit=1)
+    argv[1:3] = ["-m", "lmms_eval"]
+    out_dir = root / "results_plain"
+    argv[argv.index("--output_path") + 1] = str(out_dir)
+    argv[argv.index("--tasks") + 1] = "mixkv_tiny_gen"
+    import mixkv
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(root / "hf"))
+    here = str(Path(mixkv.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, check=False)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0 and "Error during evaluation" not in log, log[-4000:]
+    (path,) = sorted(out_dir.rglob("*_results.json"))
+    assert "exact_match,none" in json.loads(path.read_text())["results"]["mixkv_tiny_gen"]

@@ -119,8 +119,11 @@ def mix_effect(results: Sequence[Result]) -> list[dict[str, object]]:
     return rows
 
 
-def _pm(stat: object, fmt: str) -> str:
+def _pm(stat: object, fmt: str, seeds: object = 2) -> str:
+    """mean ± std (the mean alone for one seed)."""
     assert isinstance(stat, dict)
+    if seeds == 1:
+        return f"{stat['mean']:{fmt}}"
     return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}"
 
 
@@ -132,8 +135,8 @@ def summary_markdown(rows: Sequence[dict[str, object]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['image']} | {r['cache']} | {r['budget']} | {r['prompt_tokens']} | "
-            f"{float(r['cache_fraction']):.1%} | {_pm(r['kl_mean'], '.2e')} | {_pm(r['top1_agreement'], '.3f')} | "  # type: ignore[arg-type]
-            f"{_pm(r['attn_rel_err_mean'], '.3f')} |"
+            f"{float(r['cache_fraction']):.1%} | {_pm(r['kl_mean'], '.2e', r['seeds'])} | "  # type: ignore[arg-type]
+            f"{_pm(r['top1_agreement'], '.3f', r['seeds'])} | {_pm(r['attn_rel_err_mean'], '.3f', r['seeds'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -146,10 +149,34 @@ def effect_markdown(rows: Sequence[dict[str, object]]) -> str:
     for r in rows:
         n = r["seeds"]
         lines.append(
-            f"| {r['model']} | {r['image']} | {r['policy']} | {r['budget']} | {_pm(r['kl_ratio'], '.3f')} | "
-            f"{r['kl_wins']}/{n} | {r['attn_wins']}/{n} | {_pm(r['top1_diff'], '+.3f')} |"
+            f"| {r['model']} | {r['image']} | {r['policy']} | {r['budget']} | {_pm(r['kl_ratio'], '.3f', n)} | "
+            f"{r['kl_wins']}/{n} | {r['attn_wins']}/{n} | {_pm(r['top1_diff'], '+.3f', n)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def compact_markdown(rows: Sequence[dict[str, object]], metric: str = "kl_mean", fmt: str = ".2e") -> str:
+    """One table per model: a row per (policy, budget), a column per (image, without / with MixKV)."""
+    cells: dict[tuple[str, str, int, str, str], str] = {}
+    for r in rows:
+        if r["mix"] not in ("off", "mixkv"):
+            continue
+        key = (str(r["model"]), str(r["policy"]), int(r["budget"]), str(r["image"]), str(r["mix"]))  # type: ignore[call-overload]
+        cells[key] = _pm(r[metric], fmt, r["seeds"])
+    out: list[str] = []
+    for model in sorted({k[0] for k in cells}):
+        images = sorted({k[3] for k in cells if k[0] == model})
+        head = " | ".join(f"{i} | {i} +MixKV" for i in images)
+        out += [f"| {model}: policy | budget | {head} |", "|---|---:|" + "---:|" * (2 * len(images))]
+        seen: list[tuple[str, int]] = []
+        for k in cells:
+            if k[0] == model and (k[1], k[2]) not in seen:
+                seen.append((k[1], k[2]))
+        for policy, budget in seen:
+            vals = [cells.get((model, policy, budget, i, m), "") for i in images for m in ("off", "mixkv")]
+            out.append(f"| {policy} | {budget} | " + " | ".join(vals) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def plot(rows: Sequence[dict[str, object]], path: Path) -> bool:

@@ -27,7 +27,15 @@ import torch
 
 from mixkv.tools import _cli, _tables
 from mixkv.tools._cache import MIX_VARIANTS, POLICIES, CacheSpec, cache_bytes, check_spec, make_cache
-from mixkv.tools._fidelity_report import Result, effect_markdown, mix_effect, plot, summarize, summary_markdown
+from mixkv.tools._fidelity_report import (
+    Result,
+    compact_markdown,
+    effect_markdown,
+    mix_effect,
+    plot,
+    summarize,
+    summary_markdown,
+)
 from mixkv.tools._models import (
     REAL_CONFIGS,
     LoadedModel,
@@ -388,7 +396,9 @@ def _report(results: list[Result], meta: dict[str, Any], args: argparse.Namespac
     """Summary over seeds, the MixKV effect, and the JSON / Markdown / PNG outputs."""
     rows = summarize(results)
     effect = mix_effect(results)
-    tables = "## Summary (mean ± std over seeds)\n\n" + summary_markdown(rows)
+    tables = "## Next-token KL(full ‖ cache), mean over decode steps (± std over seeds)\n\n"
+    tables += compact_markdown(rows)
+    tables += "\n## Summary (mean ± std over seeds)\n\n" + summary_markdown(rows)
     if effect:
         tables += "\n## MixKV against the policy alone (per seed)\n\n" + effect_markdown(effect)
     print()

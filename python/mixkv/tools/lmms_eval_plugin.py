@@ -106,6 +106,8 @@ class MixKVEvalModel:
             sparsemm_table=sparsemm_table,
             redundancy_table=redundancy_table,
         )
+        if self.spec.policy == "sparsemm" and sparsemm_table is None:
+            raise ValueError("policy=sparsemm needs sparsemm_table=<visual-head JSON> (see `mixkv profile`)")
         try:
             check_spec(self.spec)
             dev = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -3,13 +3,14 @@
 lmms-eval is imported lazily: this module imports without it, and the registered class
 (``MixKV``, a subclass of ``lmms_eval.api.model.lmms``) is built on first access.
 
-Use (see docs/tools.md)::
+Use (see docs/tools.md): with mixkv installed, its ``lmms_eval.models`` entry point (``manifests``)
+makes the model known to lmms-eval's own command::
 
-    python -m mixkv.tools.lmms_eval_plugin --model mixkv \
+    python -m lmms_eval --model mixkv \
         --model_args pretrained=Qwen/Qwen2-VL-7B-Instruct,policy=adakv,mix=true,budget=64 --tasks textvqa_val
 
-or register it yourself (``register()``) before lmms-eval resolves model names, or declare the
-entry point ``[project.entry-points."lmms_eval.models"] mixkv = "mixkv.tools.lmms_eval_plugin:manifests"``.
+From a source tree, ``python -m mixkv.tools.lmms_eval_plugin`` takes the same arguments and registers
+the model first; a launcher of your own can call ``register()``.
 """
 
 from __future__ import annotations

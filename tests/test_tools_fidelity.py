@@ -45,6 +45,7 @@ def test_argument_errors(capsys):
     _err(capsys, ["fidelity", "--seeds", "1,x"], "--seeds")
     _err(capsys, ["fidelity", "--seeds", "1,1"], "--seeds")
     _err(capsys, ["fidelity", "--merge", "missing.json"], "--merge")
+    _err(capsys, ["fidelity", "--image-size", "10"], "--image-size")
 
 
 # ------------------------------------------------------------------------------------------- what a trace holds

@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=32, help="observation window (default: %(default)s)")
     p.add_argument("--steps", type=int, default=64, help="decode forwards compared (default: %(default)s)")
     p.add_argument("--images", default="tiles,noise", help=f"synthetic images, comma list of {', '.join(IMAGE_KINDS)}")
-    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: 448 tiny, 896 real)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=896,
+        help="image side in pixels (default: %(default)s, 1024 Qwen2-VL image tokens: every budget compresses)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cpu for tiny, cuda for real)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 tiny, bfloat16 real)")
     p.add_argument(
@@ -325,7 +330,9 @@ def _main(argv: list[str]) -> int:
         if args.models:
             raise ToolError("--models applies to --dims real")
         models = ["tiny"]
-    image_size = args.image_size or (896 if real else 448)
+    image_size = args.image_size
+    if image_size < 28:
+        raise ToolError(f"--image-size must be at least 28 pixels, got {image_size}")
     device = parse_device(args.device or ("cuda" if real else "cpu"))
     dtype = parse_dtype(args.dtype or ("bfloat16" if real else "float32"))
     print("random weights: these numbers measure the cache machinery on untrained models, not answer quality")

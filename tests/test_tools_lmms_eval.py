@@ -65,6 +65,11 @@ def test_model_args_are_parsed_and_checked():
         cls(policy="streaming", dtype="float32", device="cpu")
     with pytest.raises(ValueError, match="mix"):
         cls(mix="sometimes", dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="sparsemm_table"):
+        cls(policy="sparsemm", dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="score"):
+        cls(score="perplexity", dtype="float32", device="cpu")
+    assert cls(dtype="float32", device="cpu").score == "loss"
 
 
 def test_generate_until_matches_direct_generate(model):
@@ -81,9 +86,14 @@ def test_generate_until_matches_direct_generate(model):
     assert cut == answer.split(" " + stop, 1)[0]
 
 
-def test_loglikelihood_matches_one_forward(model):
+@pytest.mark.parametrize("score", ["loss", "logprob"])
+def test_loglikelihood_matches_one_forward(model, score):
     req = Req(("what repeats?", lambda doc: doc["a"], _visual, 0, "toy", "test"))
-    ((logp, greedy),) = model.loglikelihood([req])
+    model.score = score
+    try:
+        ((value, greedy),) = model.loglikelihood([req])
+    finally:
+        model.score = "loss"
     prepared = model._prepare("what repeats?", [TASK["toy"]["test"][0]["image"]])
     target = model._encode_text("tiles")
     n = prepared.prompt_length
@@ -95,7 +105,8 @@ def test_loglikelihood_matches_one_forward(model):
     with torch.no_grad():
         logits = model.loaded.model(**inputs, use_cache=False).logits[0, n - 1 : -1].double()
     ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(target).view(-1, 1)).sum()
-    assert logp == pytest.approx(float(ref), abs=1e-3)
+    expected = float(ref) if score == "logprob" else -float(ref) / len(target)
+    assert value == pytest.approx(expected, abs=1e-3)
     assert greedy == bool((logits.argmax(-1) == torch.tensor(target)).all())
 
 

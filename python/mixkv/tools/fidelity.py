@@ -1,17 +1,25 @@
 """``mixkv fidelity``: how far each compressed cache moves a (random-weight) model from the full cache.
 
-For every policy x mix x budget: the same teacher-forced token stream (the full cache's greedy
-continuation) is fed through the compressed cache; per decode step the attention outputs of every
-text layer and the next-token distribution are compared with the full cache's.
-Metrics: per-layer relative error of the attention output (||a_c - a_f|| / ||a_f||, mean over steps),
-next-token KL(p_full || p_compressed) (mean over steps) and top-1 agreement.
+For every seed x policy x mix x budget, from the same prompt: the full cache decodes ``steps + 1``
+tokens greedily (the first comes from the prefill, the other ``steps`` from decode forwards); the
+compressed cache is then driven through the same tokens (teacher forcing), so its ``steps`` decode
+forwards see exactly the inputs the full cache's did. At every decode forward the two runs are compared:
+
+- next-token KL(p_full || p_cache), p = softmax of the raw logits, in float64;
+- top-1 agreement: argmax of the two logit vectors equal;
+- per text layer, the relative error of the attention module's output (after o_proj, at the new
+  token) ||a_cache - a_full|| / ||a_full||. It includes the drift that the layers below passed up.
+
+The prefill's own next-token distribution is computed before any compression takes effect and is
+reported apart (``prefill_kl``, 0 up to rounding); it is not part of the decode-step means.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,15 @@ import torch
 
 from mixkv.tools import _cli, _tables
 from mixkv.tools._cache import MIX_VARIANTS, POLICIES, CacheSpec, cache_bytes, check_spec, make_cache
+from mixkv.tools._fidelity_report import (
+    Result,
+    compact_markdown,
+    effect_markdown,
+    mix_effect,
+    plot,
+    summarize,
+    summary_markdown,
+)
 from mixkv.tools._models import (
     REAL_CONFIGS,
     LoadedModel,
@@ -48,34 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", default="off,on", help="comma list of off, on or variant names (default: off,on)")
     p.add_argument("--budgets", default="64,128,256", help="comma list of budgets (default: %(default)s)")
     p.add_argument("--window", type=int, default=32, help="observation window (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=64, help="decode steps compared (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=64, help="decode forwards compared (default: %(default)s)")
     p.add_argument("--images", default="tiles,noise", help=f"synthetic images, comma list of {', '.join(IMAGE_KINDS)}")
-    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: 448 tiny, 896 real)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=896,
+        help="image side in pixels (default: %(default)s, 1024 Qwen2-VL image tokens: every budget compresses)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cpu for tiny, cuda for real)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 tiny, bfloat16 real)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: %(default)s)")
+    p.add_argument(
+        "--seeds", "--seed", default="0", help="comma list of seeds (random weights and image) (default: %(default)s)"
+    )
     p.add_argument("--out", default="fidelity.json", help="JSON results (default: %(default)s)")
     p.add_argument("--plot", default=None, help="PNG plot (default: next to --out)")
+    p.add_argument("--table", default=None, help="Markdown tables (default: next to --out, .md)")
+    p.add_argument("--merge", default=None, help="comma list of result JSON files: merge and report them, run nothing")
     return p
-
-
-@dataclass
-class Result:
-    model: str
-    image: str
-    cache: str
-    policy: str
-    mix: str
-    budget: int
-    prompt_tokens: int
-    steps: int
-    kl_mean: float
-    kl_max: float
-    top1_agreement: float
-    attn_rel_err_mean: float
-    attn_rel_err_per_layer: list[float] = field(default_factory=list)
-    cache_bytes: int = 0
-    full_cache_bytes: int = 0
 
 
 class _DecodeCapture:
@@ -119,11 +126,12 @@ class _ForceTokens:
 
 @dataclass
 class Trace:
-    tokens: torch.Tensor  # [steps] generated ids
-    logits: torch.Tensor  # [steps, V] float32, the distribution each step's token was drawn from
-    attn: dict[int, torch.Tensor]  # layer -> [steps - 1, hidden] decode attention outputs
+    tokens: torch.Tensor  # [steps + 1] generated ids (the first from the prefill)
+    logits: torch.Tensor  # [steps, V] float32 raw logits of the decode forwards
+    attn: dict[int, torch.Tensor]  # layer -> [steps, hidden] attention outputs of the decode forwards
     held: int
     full: int
+    prefill_logits: torch.Tensor | None = None  # [V] raw logits of the prompt's last position
 
 
 def _trace(loaded: LoadedModel, prepared: Prepared, spec: CacheSpec, steps: int, force: torch.Tensor | None) -> Trace:
@@ -138,8 +146,8 @@ def _trace(loaded: LoadedModel, prepared: Prepared, spec: CacheSpec, steps: int,
             out = model.generate(
                 **prepared.inputs,
                 past_key_values=cache,
-                max_new_tokens=steps,
-                min_new_tokens=steps,
+                max_new_tokens=steps + 1,
+                min_new_tokens=steps + 1,
                 do_sample=False,
                 output_logits=True,
                 return_dict_in_generate=True,
@@ -149,23 +157,51 @@ def _trace(loaded: LoadedModel, prepared: Prepared, spec: CacheSpec, steps: int,
         capture.remove()
     tokens = out.sequences[0, prepared.prompt_length :].cpu()
     logits = torch.stack([step[0].float().cpu() for step in out.logits])
+    attn = capture.stacked()
+    if tokens.numel() != steps + 1 or logits.shape[0] != steps + 1:
+        raise ToolError(f"generate stopped after {tokens.numel()} of {steps + 1} tokens")
+    if force is not None and not torch.equal(tokens, force.cpu()):
+        raise ToolError("teacher forcing failed: the compressed run did not follow the full cache's tokens")
+    if any(a.shape[0] != steps for a in attn.values()):
+        raise ToolError(f"captured {[a.shape[0] for a in attn.values()]} decode attention outputs, expected {steps}")
     held, full = cache_bytes(cache)
-    return Trace(tokens, logits, capture.stacked(), held, full)
+    return Trace(tokens, logits[1:], attn, held, full, prefill_logits=logits[0])
 
 
-def compare(ref: Trace, got: Trace) -> tuple[float, float, float, list[float]]:
-    """(KL mean, KL max, top-1 agreement, per-layer attention-output relative error)."""
-    logp = torch.log_softmax(ref.logits.double(), -1)
-    logq = torch.log_softmax(got.logits.double(), -1)
-    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(p) || softmax(q)) over the last dimension, float64, clamped at 0 (rounding)."""
+    logp = torch.log_softmax(p_logits.double(), -1)
+    logq = torch.log_softmax(q_logits.double(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
+
+
+@dataclass
+class Comparison:
+    kl_per_step: list[float]  # KL(p_full || p_cache) per decode forward
+    top1_agreement: float
+    attn_rel_err_per_layer: list[float]  # mean over decode forwards, per layer
+    prefill_kl: float
+
+    @property
+    def kl_mean(self) -> float:
+        return sum(self.kl_per_step) / len(self.kl_per_step)
+
+
+def compare(ref: Trace, got: Trace) -> Comparison:
+    """The full cache's trace ``ref`` against a compressed cache's ``got`` (same token stream)."""
+    if ref.logits.shape != got.logits.shape or ref.attn.keys() != got.attn.keys():
+        raise ValueError("the two traces cover different steps or layers")
+    kl = kl_divergence(ref.logits, got.logits)
     agree = (ref.logits.argmax(-1) == got.logits.argmax(-1)).double().mean()
     errs: list[float] = []
     for layer, a_ref in ref.attn.items():
-        a_got = got.attn[layer]
-        num = (a_got.double() - a_ref.double()).norm(dim=-1)
+        num = (got.attn[layer].double() - a_ref.double()).norm(dim=-1)
         den = a_ref.double().norm(dim=-1).clamp_min(1e-12)
         errs.append(float((num / den).mean()))
-    return float(kl.mean()), float(kl.max()), float(agree), errs
+    prefill = 0.0
+    if ref.prefill_logits is not None and got.prefill_logits is not None:
+        prefill = float(kl_divergence(ref.prefill_logits, got.prefill_logits))
+    return Comparison([float(k) for k in kl], float(agree), errs, prefill)
 
 
 def _sparsemm_table(loaded: LoadedModel, prepared: Prepared) -> torch.Tensor:
@@ -214,9 +250,17 @@ def _specs(args: argparse.Namespace) -> list[CacheSpec]:
 
 
 def run_fidelity(
-    loaded: LoadedModel, model_name: str, image_kind: str, image_size: int, specs: list[CacheSpec], steps: int
+    loaded: LoadedModel,
+    model_name: str,
+    image_kind: str,
+    image_size: int,
+    specs: list[CacheSpec],
+    steps: int,
+    seed: int = 0,
+    progress: Callable[[list[Result]], None] | None = None,
 ) -> list[Result]:
-    prepared = prepare_inputs(loaded, synthetic_image(image_kind, image_size), PROMPT, image_size=image_size)
+    image = synthetic_image(image_kind, image_size, seed=seed)
+    prepared = prepare_inputs(loaded, image, PROMPT, image_size=image_size)
     ref = _trace(loaded, prepared, CacheSpec(policy=None), steps, force=None)
     table: torch.Tensor | None = None
     results: list[Result] = []
@@ -226,69 +270,43 @@ def run_fidelity(
                 table = _sparsemm_table(loaded, prepared)
             spec = CacheSpec(spec.policy, spec.mix, spec.budget, spec.window, sparsemm_table=table)
         got = _trace(loaded, prepared, spec, steps, force=ref.tokens)
-        kl, kl_max, agree, errs = compare(ref, got)
+        c = compare(ref, got)
         mix = spec.mix if isinstance(spec.mix, str) else ("mixkv" if spec.mix else "off")
-        results.append(
-            Result(
-                model=model_name,
-                image=image_kind,
-                cache=spec.label,
-                policy=spec.policy or "full",
-                mix=mix,
-                budget=spec.budget if spec.policy else 0,
-                prompt_tokens=prepared.prompt_length,
-                steps=steps,
-                kl_mean=kl,
-                kl_max=kl_max,
-                top1_agreement=agree,
-                attn_rel_err_mean=sum(errs) / max(len(errs), 1),
-                attn_rel_err_per_layer=errs,
-                cache_bytes=got.held,
-                full_cache_bytes=got.full,
-            )
+        r = Result(
+            model=model_name,
+            image=image_kind,
+            seed=seed,
+            cache=spec.label,
+            policy=spec.policy or "full",
+            mix=mix,
+            budget=spec.budget if spec.policy else 0,
+            prompt_tokens=prepared.prompt_length,
+            steps=steps,
+            kl_mean=c.kl_mean,
+            kl_max=max(c.kl_per_step),
+            top1_agreement=c.top1_agreement,
+            attn_rel_err_mean=sum(c.attn_rel_err_per_layer) / max(len(c.attn_rel_err_per_layer), 1),
+            attn_rel_err_per_layer=c.attn_rel_err_per_layer,
+            kl_per_step=c.kl_per_step,
+            prefill_kl=c.prefill_kl,
+            cache_bytes=got.held,
+            full_cache_bytes=got.full,
         )
-        r = results[-1]
+        results.append(r)
+        if progress is not None:
+            progress(results)
         print(
-            f"{model_name:<22} {image_kind:<6} {r.cache:<18} {r.budget:>6} {r.prompt_tokens:>6} "
+            f"{model_name:<22} {image_kind:<6} {seed:>4} {r.cache:<18} {r.budget:>6} {r.prompt_tokens:>6} "
             f"{r.kl_mean:>10.3e} {r.top1_agreement:>7.3f} {r.attn_rel_err_mean:>10.3e}",
             flush=True,
         )
     return results
 
 
-def plot(results: list[Result], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: skipping the plot {path}")
-        return False
-    groups = sorted({(r.model, r.image) for r in results})
-    fig, axes = plt.subplots(2, len(groups), figsize=(5 * len(groups), 7), squeeze=False)
-    for col, (model, image) in enumerate(groups):
-        rows = [r for r in results if r.model == model and r.image == image and r.policy != "full"]
-        for cache in sorted({r.cache for r in rows}):
-            pts = sorted((r.budget, r.kl_mean, r.attn_rel_err_mean) for r in rows if r.cache == cache)
-            style = "--" if "+" in cache else "-"
-            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=cache)
-            axes[1][col].plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=cache)
-        axes[0][col].set_title(f"{model} / {image}")
-        axes[0][col].set_ylabel("next-token KL (mean)")
-        axes[1][col].set_ylabel("attention-output rel. error (mean)")
-        for ax in (axes[0][col], axes[1][col]):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("budget")
-        axes[0][col].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.merge:
+        return _merge(args)
     specs = _specs(args)
     if args.steps < 2:
         raise ToolError(f"--steps must be at least 2, got {args.steps}")
@@ -296,6 +314,12 @@ def _main(argv: list[str]) -> int:
     for kind in kinds:
         if kind not in IMAGE_KINDS:
             raise ToolError(f"--images entries must be in {', '.join(IMAGE_KINDS)}, got {kind!r}")
+    try:
+        seeds = [int(x) for x in _csv(args.seeds)]
+    except ValueError as exc:
+        raise ToolError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from exc
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ToolError(f"--seeds must list distinct integers, got {args.seeds!r}")
     real = args.dims == "real"
     if real:
         models = _csv(args.models) if args.models else list(REAL_CONFIGS)
@@ -306,30 +330,97 @@ def _main(argv: list[str]) -> int:
         if args.models:
             raise ToolError("--models applies to --dims real")
         models = ["tiny"]
-    image_size = args.image_size or (896 if real else 448)
+    image_size = args.image_size
+    if image_size < 28:
+        raise ToolError(f"--image-size must be at least 28 pixels, got {image_size}")
     device = parse_device(args.device or ("cuda" if real else "cpu"))
     dtype = parse_dtype(args.dtype or ("bfloat16" if real else "float32"))
     print("random weights: these numbers measure the cache machinery on untrained models, not answer quality")
     print(
-        f"{'model':<22} {'image':<6} {'cache':<18} {'budget':>6} {'prompt':>6} {'KL':>10} {'top1':>7} {'attn err':>10}"
+        f"{'model':<22} {'image':<6} {'seed':>4} {'cache':<18} {'budget':>6} {'prompt':>6} "
+        f"{'KL':>10} {'top1':>7} {'attn err':>10}"
     )
     results: list[Result] = []
     for name in models:
-        loaded = load_model(name, device=device, dtype=dtype, seed=args.seed)
-        for kind in kinds:
-            results += run_fidelity(loaded, name, kind, image_size, specs, args.steps)
-        del loaded
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    out = Path(args.out)
-    meta = {"dims": args.dims, "steps": args.steps, "window": args.window, "dtype": str(dtype), "seed": args.seed}
-    _tables.write_json(out, {})  # creates the parent directory
-    out.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1) + "\n")
-    print(f"wrote {out}")
-    png = Path(args.plot) if args.plot else out.with_suffix(".png")
-    if plot(results, png):
-        print(f"wrote {png}")
+        for seed in seeds:
+            loaded = load_model(name, device=device, dtype=dtype, seed=seed)
+            for kind in kinds:
+                done = list(results)
+                results += run_fidelity(
+                    loaded,
+                    name,
+                    kind,
+                    image_size,
+                    specs,
+                    args.steps,
+                    seed=seed,
+                    progress=lambda rs, done=done: _checkpoint(Path(args.out), done + rs),
+                )
+            del loaded
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    meta = {
+        "dims": args.dims,
+        "models": models,
+        "images": kinds,
+        "image_size": image_size,
+        "steps": args.steps,
+        "window": args.window,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "seeds": seeds,
+        "kl": "KL(p_full || p_cache) per decode forward, float64",
+    }
+    _report(results, meta, args)
     return 0
+
+
+def _checkpoint(out: Path, results: list[Result]) -> None:
+    """The results so far (a long run that is stopped keeps them); the final report replaces the file."""
+    _tables.write_json(out, {})
+    out.write_text(json.dumps({"meta": {"partial": True}, "results": [asdict(r) for r in results]}, indent=1) + "\n")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    results: list[Result] = []
+    metas: list[Any] = []
+    for name in _csv(args.merge):
+        path = Path(name)
+        if not path.is_file():
+            raise ToolError(f"--merge file not found: {name!r}")
+        try:
+            data = json.loads(path.read_text())
+            results += [Result(**r) for r in data["results"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ToolError(f"--merge file {name!r} is not a fidelity result file: {exc}") from exc
+        metas.append(data.get("meta", {}))
+    meta = metas[0] if len(metas) == 1 else {"merged": metas}
+    _report(results, meta, args)
+    return 0
+
+
+def _report(results: list[Result], meta: dict[str, Any], args: argparse.Namespace) -> None:
+    """Summary over seeds, the MixKV effect, and the JSON / Markdown / PNG outputs."""
+    rows = summarize(results)
+    effect = mix_effect(results)
+    tables = "## Next-token KL(full ‖ cache), mean over decode steps (± std over seeds)\n\n"
+    tables += compact_markdown(rows)
+    tables += "\n## Summary (mean ± std over seeds)\n\n" + summary_markdown(rows)
+    if effect:
+        tables += "\n## MixKV against the policy alone (per seed)\n\n" + effect_markdown(effect)
+    print()
+    print(tables)
+    out = Path(args.out)
+    _tables.write_json(out, {})  # creates the parent directory
+    payload = {"meta": meta, "summary": rows, "mix_effect": effect, "results": [asdict(r) for r in results]}
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {out}")
+    md = Path(args.table) if args.table else out.with_suffix(".md")
+    md.write_text(tables)
+    print(f"wrote {md}")
+    png = Path(args.plot) if args.plot else out.with_suffix(".png")
+    if plot(rows, png):
+        print(f"wrote {png}")
 
 
 def main(argv: list[str]) -> int:

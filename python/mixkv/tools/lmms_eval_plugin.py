@@ -3,18 +3,20 @@
 lmms-eval is imported lazily: this module imports without it, and the registered class
 (``MixKV``, a subclass of ``lmms_eval.api.model.lmms``) is built on first access.
 
-Use (see docs/tools.md)::
+Use (see docs/tools.md): with mixkv installed, its ``lmms_eval.models`` entry point (``manifests``)
+makes the model known to lmms-eval's own command::
 
-    python -m mixkv.tools.lmms_eval_plugin --model mixkv \
+    python -m lmms_eval --model mixkv \
         --model_args pretrained=Qwen/Qwen2-VL-7B-Instruct,policy=adakv,mix=true,budget=64 --tasks textvqa_val
 
-or register it yourself (``register()``) before lmms-eval resolves model names, or declare the
-entry point ``[project.entry-points."lmms_eval.models"] mixkv = "mixkv.tools.lmms_eval_plugin:manifests"``.
+From a source tree, ``python -m mixkv.tools.lmms_eval_plugin`` takes the same arguments and registers
+the model first; a launcher of your own can call ``register()``.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +34,10 @@ from mixkv.tools._models import (
 )
 
 MODEL_NAME = "mixkv"
+# what loglikelihood reports: "loss" = mean negative log-likelihood per continuation token (what
+# lmms-eval 0.7's own models return, and what its multiple_choice scoring ranks, lowest first);
+# "logprob" = the summed log-probability (the lm-evaluation-harness convention, highest first)
+SCORES: tuple[str, ...] = ("loss", "logprob")
 ALIASES: tuple[str, ...] = ("mixkv_qwen2_vl", "mixkv_llava_next", "mixkv_internvl")
 
 
@@ -64,7 +70,8 @@ class MixKVEvalModel:
 
     model_args: pretrained (directory or id; default the tiny packaged configuration), policy (snapkv,
     pyramidkv, adakv, sparsemm or full), mix (true/false or a variant), budget, window, sparsemm_table,
-    redundancy_table, device, dtype, max_new_tokens, image_size (inputs built without a processor).
+    redundancy_table, device, dtype, max_new_tokens, image_size (inputs built without a processor),
+    score (what ``loglikelihood`` reports, see there).
     """
 
     is_simple: bool = True
@@ -83,11 +90,15 @@ class MixKVEvalModel:
         max_new_tokens: int | str = 128,
         image_size: int | str = 448,
         batch_size: int | str = 1,
+        score: str = "loss",
         **unused: object,
     ) -> None:
         super().__init__()
         if int(batch_size) != 1:
             raise ValueError(f"batch_size must be 1 (each request gets its own cache), got {batch_size}")
+        if str(score) not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+        self.score = str(score)
         self.spec = CacheSpec(
             policy=None if str(policy) == "full" else str(policy),
             mix=_as_bool_or_variant(mix),
@@ -96,6 +107,8 @@ class MixKVEvalModel:
             sparsemm_table=sparsemm_table,
             redundancy_table=redundancy_table,
         )
+        if self.spec.policy == "sparsemm" and sparsemm_table is None:
+            raise ValueError("policy=sparsemm needs sparsemm_table=<visual-head JSON> (see `mixkv profile`)")
         try:
             check_spec(self.spec)
             dev = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -171,7 +184,10 @@ class MixKVEvalModel:
         return answers
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-        """log p(continuation | context): the context is prefilled (and compressed), the continuation decoded."""
+        """(score, is_greedy) of each continuation given its context; the context is prefilled (and
+        compressed), the continuation decoded through the cache. score: the mean negative log-likelihood
+        per continuation token (``score=loss``, lmms-eval's convention: lower is likelier) or the summed
+        log-probability (``score=logprob``)."""
         results: list[tuple[float, bool]] = []
         model = self.loaded.model
         for request in requests:
@@ -194,9 +210,9 @@ class MixKVEvalModel:
                     logits.append(model(input_ids=ids, past_key_values=cache, use_cache=True).logits)
             all_logits = torch.cat(logits, dim=1)[0].float()  # [T, V]
             tgt = torch.tensor(target, device=all_logits.device)
-            logp = torch.log_softmax(all_logits, -1).gather(-1, tgt.view(-1, 1)).sum()
+            logp = torch.log_softmax(all_logits.double(), -1).gather(-1, tgt.view(-1, 1)).sum()
             greedy = bool((all_logits.argmax(-1) == tgt).all())
-            results.append((float(logp), greedy))
+            results.append((float(logp) if self.score == "logprob" else -float(logp) / len(target), greedy))
         return results
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
@@ -216,12 +232,44 @@ def _lmms_base() -> type:
     return lmms
 
 
+def _score_carrier() -> Callable[[tuple[float, bool]], Any] | None:
+    """How to hand a ``(logprob, is_greedy)`` pair to the installed lmms-eval's evaluator intact.
+
+    lmms-eval 0.7.3 passes every model response through ``unwrap_generation_output``, which keeps
+    strings and ``GenerationResult``s but turns any other value into its ``str``; a multiple_choice
+    task then fails unpacking the string. A ``GenerationResult`` whose ``text`` is the pair comes
+    through unchanged. None (return the pairs as they are) when the evaluator keeps a plain pair.
+    """
+    try:
+        from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
+    except ImportError:
+        return None
+    probe = (-1.5, True)
+    if unwrap_generation_output(probe)[0] == probe:
+        return None
+    if unwrap_generation_output(GenerationResult(text=probe))[0] is not probe:  # type: ignore[arg-type]
+        return None
+    return lambda pair: GenerationResult(text=pair)  # type: ignore[arg-type]
+
+
+def _lmms_loglikelihood(carrier: Callable[[tuple[float, bool]], Any]) -> Callable[..., list[Any]]:
+    def loglikelihood(self: MixKVEvalModel, requests: list[Any]) -> list[Any]:
+        return [carrier(pair) for pair in MixKVEvalModel.loglikelihood(self, requests)]
+
+    loglikelihood.__doc__ = MixKVEvalModel.loglikelihood.__doc__
+    return loglikelihood
+
+
 def lmms_class(base: type | None = None) -> type:
     """The lmms-eval model class: ``MixKVEvalModel`` on top of ``base`` (default: lmms-eval's ``lmms``)."""
     global _CLASS
     if base is None:
         if _CLASS is None:
-            _CLASS = type("MixKV", (MixKVEvalModel, _lmms_base()), {"__module__": __name__})
+            namespace: dict[str, Any] = {"__module__": __name__}
+            carrier = _score_carrier()
+            if carrier is not None:
+                namespace["loglikelihood"] = _lmms_loglikelihood(carrier)
+            _CLASS = type("MixKV", (MixKVEvalModel, _lmms_base()), namespace)
         return _CLASS
     return type("MixKV", (MixKVEvalModel, base), {"__module__": __name__})
 

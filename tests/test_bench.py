@@ -377,3 +377,25 @@ def test_mix_cost_part_runs_interleaved_prefills(tmp_path: Path) -> None:
     assert row["policy"] == "adakv" and row["rounds"] == 2 and "error" not in row
     assert row["base_total_s"] == next(r["total_s"] for r in results["e2e"] if r["method"] == "adakv")
     assert row["total_share"] == pytest.approx(row["prefill_delta_s"] / row["base_total_s"])
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_full_cache_is_warmed_at_each_length_before_timing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warm: bool
+) -> None:
+    from mixkv.bench.runner import Runner
+
+    calls: list[tuple[str, int]] = []
+
+    def fake(self: Runner, model: object, inputs: dict, method: Method, dims: dict, new: int) -> dict:
+        calls.append((method.name, new))
+        return {"prefill_s": 0.1, "total_s": 1.0, "decode_ms_per_token": 1.0, "peak_bytes": None, "cache_bytes": 1}
+
+    monkeypatch.setattr(Runner, "_generate", fake)
+    settings = _settings(tmp_path, ["full", "snapkv"], ["e2e"])
+    settings.warm_full = warm
+    results = run_all(settings, torch.device("cpu"), lambda r: None, configs={"tiny-qwen2-vl": tiny_qwen()})
+    timed = [("full", 5), ("snapkv", 5)]
+    warm_up = [("full", 4), ("snapkv", 4)]  # the model's warm-up (kernels, allocator)
+    assert calls == warm_up + ([("full", 5)] if warm else []) + timed
+    assert [r["method"] for r in results["e2e"]] == ["full", "snapkv"]

@@ -64,6 +64,7 @@ class Settings:
     parts: list[str]
     new_tokens: int
     repeats: int
+    warm_full: bool
     mix_cost_rounds: int
     budget: int
     throughput_length: int
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         help="rounds of end-to-end runs, interleaved (every method once per round; medians reported; default 1)",
+    )
+    add(
+        "--no-warm-full",
+        action="store_true",
+        help="skip the untimed full-cache run made at each length before timing (its first run is slower)",
     )
     add("--mix-cost-rounds", type=int, help="interleaved prefill-only rounds of the MixKV cost (default: 7)")
     add("--budget", type=int, default=64, help="cache budget per head, window included (default: 64)")
@@ -142,6 +148,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         parts=list(dict.fromkeys(args.parts)),
         new_tokens=pick("new_tokens"),
         repeats=pick("repeats"),
+        warm_full=not args.no_warm_full,
         mix_cost_rounds=pick("mix_cost_rounds"),
         budget=args.budget,
         throughput_length=pick("throughput_length"),
@@ -184,6 +191,8 @@ def plan_lines(settings: Settings) -> list[str]:
     if "e2e" in settings.parts:
         runs = len(settings.models) * len(settings.lengths) * len(settings.methods) * settings.repeats
         rounds = f" ({settings.repeats} interleaved rounds)" if settings.repeats > 1 else ""
+        if settings.warm_full and any(m.policy is None for m in settings.methods):
+            rounds += " after one untimed full-cache run per length"
         lines.append(
             f"  e2e: {runs} runs{rounds}, {settings.new_tokens} new tokens, budget {settings.budget}, "
             f"methods: {methods}"

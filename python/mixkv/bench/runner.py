@@ -167,6 +167,16 @@ class Runner:
         self, spec: ModelSpec, model: nn.Module, config: PretrainedConfig, dims: dict[str, int], length: int
     ) -> None:
         inputs, info = self._inputs(config, model, length)
+        if self.s.warm_full and any(m.policy is None for m in self.s.methods):
+            # The first full-cache run at a new prompt length decodes up to 3x slower than the next
+            # ones (measured; the compressed runs show no such effect): one untimed run of the same
+            # length and token count first, so that every method is timed in its steady state.
+            self.progress.describe(f"{spec.name} {length} full (warm-up)")
+            try:
+                self._generate(model, inputs, Method(None), dims, self.s.new_tokens)
+            except Exception as error:  # reported by the timed run
+                self.progress.write(f"[warm-up] {spec.name} N={length} full: {_error(error)}")
+            free_memory(self.device)
         for repeat in range(self.s.repeats):  # interleaved: every method once per round
             for method in self.s.methods:
                 self._run_one(spec, inputs, info, dims, length, method, repeat, model)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build for sm_90, run the CUDA tests, compute-sanitizer and benchmarks.
 # Results (logs, JSON, summary) go under $OUT. Usage: bash scripts/gpu_run.sh [stage ...]
-# stages: build test sanitize bench e2e (default: build test sanitize bench)
+# stages: build test sanitize bench e2e e2e_short mixcost (default: build test sanitize bench);
+# e2e_short and mixcost take MODEL=llava|qwen|internvl and need most of one 10-minute call each
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -62,6 +63,23 @@ for stage in $stages; do
       timeout 400 $PY scripts/gpu_e2e.py --out "$OUT/gpu_e2e.json" >"$OUT/gpu_e2e.log" 2>&1
       note "gpu_e2e rc=$? ($(( $(date +%s) - t0 )) s)"
       tail -12 "$OUT/gpu_e2e.log" >>"$summary"
+      ;;
+    e2e_short)
+      # 2,000- and 8,000-token end-to-end runs of one model (MODEL=llava|qwen|internvl), all nine methods
+      m=${MODEL:-llava}
+      timeout 560 $PY -m mixkv.bench --models "$m" --lengths 2000 8000 --parts e2e --no-progress \
+        --out-dir "$OUT/e2e_short_$m" >"$OUT/e2e_short_$m.log" 2>&1
+      note "e2e_short $m rc=$? ($(( $(date +%s) - t0 )) s)"
+      grep -E "^\[e2e\]|mixkv cost" "$OUT/e2e_short_$m.log" | tail -20 >>"$summary"
+      ;;
+    mixcost)
+      # what MixKV adds to each policy at 32k (MODEL=...): 512-token totals, then interleaved prefill rounds
+      m=${MODEL:-qwen}
+      timeout 560 $PY -m mixkv.bench --models "$m" --lengths 32000 --parts e2e mixcost memory --no-warm-full \
+        --methods snapkv snapkv+mixkv pyramidkv pyramidkv+mixkv adakv adakv+mixkv sparsemm sparsemm+mixkv \
+        --mix-cost-rounds 5 --no-progress --out-dir "$OUT/mixcost_$m" >"$OUT/mixcost_$m.log" 2>&1
+      note "mixcost $m rc=$? ($(( $(date +%s) - t0 )) s)"
+      grep -E "^\[(mixcost|memory)\]" "$OUT/mixcost_$m.log" | tail -12 >>"$summary"
       ;;
     *)
       note "unknown stage $stage"

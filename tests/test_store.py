@@ -334,3 +334,19 @@ def test_core_validation_names_arguments():
             torch.randn(64, 8),
             0,
         )
+
+
+def test_core_calls_receive_dlpack_capsules() -> None:
+    from mixkv._runtime import call
+
+    seen: list[object] = []
+
+    def spy(*args: object) -> int:
+        seen.extend(args)
+        return 7
+
+    t = torch.arange(6, dtype=torch.int32).view(2, 3)
+    assert call(spy, t, None, 3, 0.5) == 7
+    assert type(seen[0]).__name__ == "PyCapsule" and seen[1:] == [None, 3, 0.5]
+    back = torch.from_dlpack(seen[0])
+    assert torch.equal(back, t) and back.data_ptr() == t.data_ptr()  # a view, not a copy

@@ -23,7 +23,7 @@ from mixkv._checks import (
     check_tensor,
     check_valid_lengths,
 )
-from mixkv._runtime import stream_handle, to_device_async, workspace
+from mixkv._runtime import call, stream_handle, to_device_async, workspace
 
 DEFAULT_RESERVE: int = 128
 INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
@@ -171,7 +171,8 @@ class VarlenKVStore:
         v_buf = torch.empty((slots, d), dtype=k.dtype, device=device)
         lengths = torch.empty(b * hkv, dtype=torch.int32, device=device)
         store = cls(k_buf, v_buf, lengths, offsets, caps, host_lengths, b, hkv)
-        _core.store_build(
+        call(
+            _core.store_build,
             k,
             v,
             pos.to(torch.int32).contiguous(),
@@ -210,7 +211,8 @@ class VarlenKVStore:
             t = k.shape[2]
             if t > self._room:
                 self._grow(t)
-            _core.store_append(k, v, self._offsets, self._lengths, self._k, self._v, _current_stream(self._device))
+            stream = _current_stream(self._device)
+            call(_core.store_append, k, v, self._offsets, self._lengths, self._k, self._v, stream)
             self._host_lengths += t
             self._max_len += t
             self._total += t * self._host_lengths.size
@@ -228,7 +230,8 @@ class VarlenKVStore:
             raise ValueError(f"k is on {kt.device} but the store is on {self.device}")
         if t > self._room:
             self._grow(t)
-        _core.store_append(kt, vt, self._offsets, self._lengths, self._k, self._v, _current_stream(self._device))
+        stream = _current_stream(self._device)
+        call(_core.store_append, kt, vt, self._offsets, self._lengths, self._k, self._v, stream)
         self._host_lengths += t
         self._refresh()
 
@@ -248,7 +251,8 @@ class VarlenKVStore:
         v_buf = torch.empty((slots, d), dtype=self.dtype, device=self.device)
         lengths = torch.empty(caps.size, dtype=torch.int32, device=self.device)
         dst_offsets = to_device_async(torch.from_numpy(offsets.astype(np.int32)), self.device)
-        _core.store_copy_segments(
+        call(
+            _core.store_copy_segments,
             self._k,
             self._v,
             self._offsets,
@@ -324,7 +328,8 @@ class VarlenKVStore:
         b, hq, t, d = q.shape
         out = torch.empty((b, hq, t, d), dtype=self._dtype, device=self._device)
         ws = workspace(_core.attend_workspace_bytes(b, hq, t, d, self._max_len), self._device)
-        _core.attend(
+        call(
+            _core.attend,
             q,
             self._k,
             self._v,

@@ -8,7 +8,7 @@ import torch
 
 from mixkv import _core
 from mixkv._checks import FLOAT_DTYPES, check_choice, check_int, check_last_dim_contiguous, check_tensor
-from mixkv._runtime import stream_handle, workspace
+from mixkv._runtime import call, stream_handle, workspace
 
 POLICIES: tuple[str, ...] = ("snapkv", "pyramidkv", "adakv", "sparsemm")
 
@@ -169,7 +169,8 @@ def capacities_into(
     if validate:
         _check_importance(imp, policy, window, lengths)
     ws = workspace(_core.capacities_workspace_bytes(b, h, p), imp.device) if policy == "adakv" else None
-    _core.capacities(
+    call(
+        _core.capacities,
         POLICIES.index(policy),
         budget,
         window,

@@ -17,7 +17,7 @@ from mixkv._checks import (
     check_tensor,
     check_valid_lengths,
 )
-from mixkv._runtime import stream_handle, workspace
+from mixkv._runtime import call, stream_handle, workspace
 
 METHODS: tuple[str, ...] = ("attn", "keydiff", "vnorm", "knorm", "uniform-mix", "mixkv")
 POOLINGS: tuple[str, ...] = ("avg", "max")
@@ -137,7 +137,8 @@ def compute_scores(
     importance = torch.empty_like(out) if need_importance else None
     r_out = torch.empty((b, hkv), dtype=torch.float32, device=device)
     ws = workspace(_core.score_workspace_bytes(b, q.shape[1], hkv, n, w, d), device)
-    _core.score(
+    call(
+        _core.score,
         q,
         k,
         v,
@@ -201,5 +202,5 @@ def head_redundancy(keys: torch.Tensor, valid_lengths: torch.Tensor | None = Non
     check_finite("keys", k)
     out = torch.empty((b, hkv), dtype=torch.float32, device=k.device)
     ws = workspace(_core.head_redundancy_workspace_bytes(b, hkv, n, d), k.device)
-    _core.head_redundancy(k, valid, out, ws, stream_handle(k.device))
+    call(_core.head_redundancy, k, valid, out, ws, stream_handle(k.device))
     return out

@@ -6,7 +6,7 @@ import torch
 
 from mixkv import _core
 from mixkv._checks import check_last_dim_contiguous, check_tensor
-from mixkv._runtime import stream_handle, workspace
+from mixkv._runtime import call, stream_handle, workspace
 
 _CAPACITY_DTYPES = (torch.int32, torch.int64)
 
@@ -69,7 +69,7 @@ def select_into(
     if validate:
         _check_values(s, c, pos.shape[2])
     ws = workspace(_core.select_workspace_bytes(b, h, p), s.device)
-    _core.select(s, c, pos, cnt, ws, stream_handle(s.device))
+    call(_core.select, s, c, pos, cnt, ws, stream_handle(s.device))
 
 
 def select(scores: torch.Tensor, capacities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -241,3 +241,22 @@ def test_published_redundancy_table_on_another_model_is_refused(llama: TinyModel
     with pytest.raises(ValueError, match=r"28 layers x 4 kv heads, but the model has 3 layers x 2 kv heads"):
         MixKVCache(llama.model, redundancy_table=REDUNDANCY_FILE)
     assert llama.model.config._attn_implementation in ("sdpa", "mixkv")
+
+
+def test_the_cache_goes_by_the_installed_keyword(llama: TinyModel) -> None:
+    import inspect
+    import warnings
+
+    from mixkv._compat import cache_keyword, cache_kwargs
+
+    forward = inspect.signature(type(llama.model).forward).parameters
+    assert cache_keyword(llama.model) == ("cache" if "cache" in forward else "past_key_values")
+    assert cache_kwargs(llama.model, None) == {}
+    cache = MixKVCache(llama.model, policy="snapkv", budget=24, window=8)
+    inputs = llama.make_inputs([40])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated keyword
+        llama.model.generate(**inputs, **cache_kwargs(llama.model, cache), max_new_tokens=3, do_sample=False)
+    # the cache given is the one used: the prompt (BOS + 40) and two fed-back tokens went through it
+    assert cache.get_seq_length() == 1 + 40 + 2
+    assert cache.nbytes > 0

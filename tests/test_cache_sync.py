@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mixkv import MixKVCache
+from mixkv._compat import cache_kwargs
 from mixkv.cache import MixKVLayer
 from mixkv.ops import capacities, compute_scores, select
 from mixkv.store import VarlenKVStore
@@ -62,7 +63,7 @@ def test_prefill_compression_synchronises_once_per_layer(
 
     monkeypatch.setattr(MixKVLayer, "_compress", counted)
     with torch.inference_mode():
-        tiny.model.generate(**inputs, past_key_values=cache, max_new_tokens=2, do_sample=False)
+        tiny.model.generate(**inputs, **cache_kwargs(tiny.model, cache), max_new_tokens=2, do_sample=False)
     assert len(seen) == tiny.num_layers
     # the counts (and valid lengths) reach the host once per layer; a mask, when the model passes
     # one, is read once per forward (padding needs one)

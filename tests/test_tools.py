@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mixkv._compat import cache_kwargs
 from mixkv.cli import main as cli_main
 from mixkv.tools import _tables
 from mixkv.tools._cache import mixkv_cache_class
@@ -202,7 +203,7 @@ def test_profile_values_against_reference(image_dir):
     k, v = measure_redundancy(loaded, prepared)
     cache = DynamicCache(config=loaded.model.config)
     with torch.no_grad():
-        loaded.model(**prepared.inputs, past_key_values=cache, use_cache=True)
+        loaded.model(**prepared.inputs, **cache_kwargs(loaded.model, cache), use_cache=True)
     for li, layer in enumerate(cache.layers):
         torch.testing.assert_close(k[li].double(), _redundancy_f64(layer.keys), atol=1e-4, rtol=0)
         torch.testing.assert_close(v[li].double(), _redundancy_f64(layer.values), atol=1e-4, rtol=0)

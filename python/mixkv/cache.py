@@ -3,7 +3,7 @@
 Usage::
 
     cache = MixKVCache(model, policy="adakv", mix=True, budget=64)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=128)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=128)  # "cache=" from transformers 5.24
 
 Prefill runs the model's own attention for its output, then keeps, per (sequence, kv head), the
 tokens the budget policy and the score select plus the observation window, in a varlen store.

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
+from mixkv._compat import cache_kwargs
 from mixkv.bench.methods import Method
 from mixkv.bench.timing import sync
 
@@ -120,7 +121,7 @@ def run_generate(
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     start = time.perf_counter()
-    extra: dict[str, Any] = {} if cache is None else {"past_key_values": cache}
+    extra = cache_kwargs(model, cache)
     with torch.inference_mode():
         out = model.generate(
             **inputs,

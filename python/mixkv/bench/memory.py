@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixkv._compat import cache_kwargs
 from mixkv.bench.e2e import free_memory, make_cache
 from mixkv.bench.methods import Method
 from mixkv.bench.models import decoder_layers
@@ -66,7 +67,7 @@ def measure_layer_working_set(
     try:
         torch.cuda.reset_peak_memory_stats(device)
         with torch.inference_mode():
-            extra: dict[str, Any] = {} if cache is None else {"past_key_values": cache}
+            extra = cache_kwargs(model, cache)
             model.generate(**inputs, **extra, max_new_tokens=1, do_sample=False)
     finally:
         for handle in handles:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mixkv._compat import cache_kwargs
 from mixkv.tools import _cli, _tables
 from mixkv.tools._cache import MIX_VARIANTS, POLICIES, CacheSpec, cache_bytes, check_spec, make_cache
 from mixkv.tools._fidelity_report import (
@@ -145,7 +146,7 @@ def _trace(loaded: LoadedModel, prepared: Prepared, spec: CacheSpec, steps: int,
         with torch.no_grad():
             out = model.generate(
                 **prepared.inputs,
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 max_new_tokens=steps + 1,
                 min_new_tokens=steps + 1,
                 do_sample=False,

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mixkv._compat import cache_kwargs
 from mixkv.tools import _cli
 from mixkv.tools._cache import CacheSpec, cache_bytes, check_spec, make_cache
 from mixkv.tools._models import (
@@ -84,7 +85,7 @@ def run_generate(
         with torch.no_grad():
             out = model.generate(
                 **prepared.inputs,
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
             )

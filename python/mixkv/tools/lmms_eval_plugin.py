@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mixkv._compat import cache_kwargs
 from mixkv.tools._cache import MIX_VARIANTS, CacheSpec, check_spec, make_cache
 from mixkv.tools._models import (
     LoadedModel,
@@ -172,7 +173,7 @@ class MixKVEvalModel:
             with torch.no_grad():
                 out = model.generate(
                     **prepared.inputs,
-                    past_key_values=make_cache(model, self.spec),
+                    **cache_kwargs(model, make_cache(model, self.spec)),
                     max_new_tokens=max_new,
                     **sample,
                 )
@@ -203,11 +204,11 @@ class MixKVEvalModel:
             cache = make_cache(model, self.spec)
             device = prepared.inputs["input_ids"].device
             with torch.no_grad():
-                first = model(**prepared.inputs, past_key_values=cache, use_cache=True).logits[:, -1:]
+                first = model(**prepared.inputs, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:]
                 logits = [first]
                 if len(target) > 1:
                     ids = torch.tensor([target[:-1]], device=device)
-                    logits.append(model(input_ids=ids, past_key_values=cache, use_cache=True).logits)
+                    logits.append(model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits)
             all_logits = torch.cat(logits, dim=1)[0].float()  # [T, V]
             tgt = torch.tensor(target, device=all_logits.device)
             logp = torch.log_softmax(all_logits.double(), -1).gather(-1, tgt.view(-1, 1)).sum()

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from mixkv._compat import cache_kwargs
 from mixkv.tools import _cli, _tables
 from mixkv.tools._models import (
     LoadedModel,
@@ -69,7 +70,7 @@ def measure_redundancy(loaded: LoadedModel, prepared: Prepared) -> tuple[torch.T
     model = loaded.model
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(**prepared.inputs, past_key_values=cache, use_cache=True)
+        model(**prepared.inputs, **cache_kwargs(model, cache), use_cache=True)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     for layer in cache.layers:

@@ -28,18 +28,6 @@ from mixkv._runtime import call, stream_handle, to_device_async, workspace
 DEFAULT_RESERVE: int = 128
 INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
 
-# The current stream as an integer without building a Stream object (a few microseconds per call);
-# the public route of mixkv._runtime where this torch build lacks the raw accessor.
-_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _current_stream(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    if _RAW_STREAM is not None:
-        return int(_RAW_STREAM(device.index if device.index is not None else torch.cuda.current_device()))
-    return stream_handle(device)
-
 
 def _offsets_of(capacities: np.ndarray) -> np.ndarray:
     offsets = np.zeros_like(capacities)
@@ -211,7 +199,7 @@ class VarlenKVStore:
             t = k.shape[2]
             if t > self._room:
                 self._grow(t)
-            stream = _current_stream(self._device)
+            stream = stream_handle(self._device)
             call(_core.store_append, k, v, self._offsets, self._lengths, self._k, self._v, stream)
             self._host_lengths += t
             self._max_len += t
@@ -230,7 +218,7 @@ class VarlenKVStore:
             raise ValueError(f"k is on {kt.device} but the store is on {self.device}")
         if t > self._room:
             self._grow(t)
-        stream = _current_stream(self._device)
+        stream = stream_handle(self._device)
         call(_core.store_append, kt, vt, self._offsets, self._lengths, self._k, self._v, stream)
         self._host_lengths += t
         self._refresh()
@@ -339,7 +327,7 @@ class VarlenKVStore:
             scale,
             out,
             ws,
-            _current_stream(self._device),
+            stream_handle(self._device),
             self._total,
         )
         return out

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "cuda_check.cuh"
+#include "device_guard.cuh"
 #include "mixkv/budget.hpp"
 #include "mixkv/error.hpp"
 #include "cluster_select.cuh"
@@ -317,7 +318,7 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   require(B * H <= 0x7FFFFFFF && P <= (int64_t{1} << 30), "capacities: importance is too large for CUDA");
   require(o.policy != Policy::adakv || H * P <= (int64_t{1} << 30),
           "capacities: adakv on CUDA needs Hkv * P <= 2^30");
-  rx::DeviceGuard guard(importance.device_id);
+  cuda_detail::DeviceGuard guard(importance.device_id);
   BudgetArgs a{};
   a.imp = importance.ptr<float>();
   a.i_b = importance.stride[0];

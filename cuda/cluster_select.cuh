@@ -21,6 +21,7 @@
 #include <cstdlib>
 
 #include "cuda_check.cuh"
+#include "dynamic_smem.cuh"
 #include "mixkv/error.hpp"
 #include "radix_select.cuh"
 
@@ -494,9 +495,7 @@ void launch_row_clusters(const RowClusters& p, cudaStream_t stream, void (*kerne
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = p.G > 1 ? 1 : 0;  // one block per row: no cluster
-  if (p.dyn_bytes > 48 * 1024)
-    MIXKV_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.dyn_bytes)));
+  fit_dynamic_smem(kernel, p.dyn_bytes, "select");
   if (p.G > kPortableCluster)
     MIXKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);

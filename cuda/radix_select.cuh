@@ -6,8 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
 namespace mixkv::cuda_detail::radix {
 
@@ -126,38 +124,6 @@ __device__ void select_kth(KeyAt key_at, int n, uint32_t k, Shared& sh, uint32_t
   }
   threshold = prefix;
   take_equal = remaining;
-}
-
-// Runs on the device of the tensors and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device);
-  ~DeviceGuard();
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-  bool changed_ = false;
-};
-
-inline DeviceGuard::DeviceGuard(int device) {
-  if (cudaGetDevice(&previous_) != cudaSuccess) {
-    cudaGetLastError();
-    previous_ = -1;
-  }
-  if (previous_ != device) {
-    const cudaError_t err = cudaSetDevice(device);
-    if (err != cudaSuccess) {
-      cudaGetLastError();
-      throw std::runtime_error(std::string("cudaSetDevice failed: ") + cudaGetErrorString(err));
-    }
-    changed_ = true;
-  }
-}
-
-inline DeviceGuard::~DeviceGuard() {
-  if (changed_ && previous_ >= 0) cudaSetDevice(previous_);
 }
 
 }  // namespace mixkv::cuda_detail::radix

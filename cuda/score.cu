@@ -22,7 +22,9 @@
 #include <type_traits>
 
 #include "cuda_check.cuh"
+#include "device_guard.cuh"
 #include "dtype.cuh"
+#include "dynamic_smem.cuh"
 #include "score_mma.cuh"
 #include "mixkv/error.hpp"
 #include "mixkv/score.hpp"
@@ -1133,35 +1135,13 @@ __global__ void __launch_bounds__(kReduceThreads) redundancy_kernel(const float*
 
 // ---- host helpers --------------------------------------------------------------------------------
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    MIXKV_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) MIXKV_CUDA_CHECK(cudaSetDevice(device));
-    target_ = device;
-  }
-  ~DeviceGuard() {
-    if (previous_ != target_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-  int target_ = 0;
-};
-
-// Raise a kernel's dynamic shared-memory limit once per device when a launch needs more than 48 KiB.
+// Raise a kernel's dynamic shared-memory limit once per device and size when a launch needs more
+// than the function allows by default.
 template <typename Kernel>
 void allow_smem(Kernel kernel, int64_t bytes, int device, std::atomic<int64_t>* granted) {
-  if (bytes <= 48 * 1024) return;
   if (device < 0 || device >= 64) device = 63;
   if (granted[device].load() >= bytes) return;
-  int limit = 0;
-  MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  require(bytes <= limit, "score: this shape needs ", bytes, " bytes of shared memory per block, the device offers ",
-          limit, " (reduce the head dimension or the window)");
-  MIXKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  cuda_detail::fit_dynamic_smem(kernel, static_cast<std::size_t>(bytes), "score");
   granted[device].store(bytes);
 }
 
@@ -1364,7 +1344,7 @@ void score(const Tensor& q_window, const Tensor& keys, const Tensor& values, con
            const Tensor& redundancy, const ScoreOptions& options, const Tensor& scores, const Tensor& importance,
            const Tensor& redundancy_out, const Tensor& workspace, std::uintptr_t stream) {
   require(keys.is_cuda(), "score: the CUDA path needs CUDA tensors");
-  DeviceGuard guard(keys.device_id);
+  cuda_detail::DeviceGuard guard(keys.device_id);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   MIXKV_DISPATCH_FLOAT(keys.dtype, "score", [&] {
     launch_score<scalar_t>(q_window, keys, values, valid_lengths, redundancy, options, scores, importance,
@@ -1375,7 +1355,7 @@ void score(const Tensor& q_window, const Tensor& keys, const Tensor& values, con
 void head_redundancy(const Tensor& keys, const Tensor& valid_lengths, const Tensor& out, const Tensor& workspace,
                      std::uintptr_t stream) {
   require(keys.is_cuda(), "head_redundancy: the CUDA path needs CUDA tensors");
-  DeviceGuard guard(keys.device_id);
+  cuda_detail::DeviceGuard guard(keys.device_id);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   MIXKV_DISPATCH_FLOAT(keys.dtype, "head_redundancy",
                        [&] { launch_redundancy<scalar_t>(keys, valid_lengths, out, workspace, s); });

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "cuda_check.cuh"
+#include "device_guard.cuh"
 #include "mixkv/error.hpp"
 #include "mixkv/select.hpp"
 #include "cluster_select.cuh"
@@ -80,7 +81,7 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
   const int64_t rows = B * H;
   if (rows == 0) return;
   require(rows <= 0x7FFFFFFF, "select: too many rows for one launch");
-  rx::DeviceGuard guard(scores.device_id);
+  cuda_detail::DeviceGuard guard(scores.device_id);
   SelectArgs a{scores.ptr<float>(), scores.stride[0], scores.stride[1], capacities.ptr<int32_t>(),
                capacities.stride[0], capacities.stride[1], positions.ptr<int32_t>(), positions.stride[0],
                positions.stride[1], counts.ptr<int32_t>(), counts.stride[0], counts.stride[1],

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build for sm_90, run the CUDA tests, compute-sanitizer and benchmarks.
 # Results (logs, JSON, summary) go under $OUT. Usage: bash scripts/gpu_run.sh [stage ...]
-# stages: build test sanitize bench e2e e2e_short mixcost (default: build test sanitize bench);
+# stages: build test sanitize probe bench e2e e2e_short mixcost (default: build test sanitize bench);
 # e2e_short and mixcost take MODEL=llava|qwen|internvl and need most of one 10-minute call each
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +50,13 @@ for stage in $stages; do
         note "compute-sanitizer $tool rc=$? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
         grep "FAILED" "$OUT/sanitize_$tool.log" | head -8 >>"$summary"
       done
+      ;;
+    probe)
+      # can this environment launch a cluster kernel at all, natively and under compute-sanitizer?
+      nvcc -std=c++17 -arch=sm_90 -o /tmp/cluster_probe scripts/cluster_probe.cu >"$OUT/probe.log" 2>&1
+      { echo "--- native"; /tmp/cluster_probe; echo "--- memcheck"; compute-sanitizer --tool memcheck /tmp/cluster_probe;
+        echo "--- racecheck"; compute-sanitizer --tool racecheck /tmp/cluster_probe; } >>"$OUT/probe.log" 2>&1
+      grep -E "^(---|runtime|compile)|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/probe.log" >>"$summary"
       ;;
     bench)
       for b in benchmarks/bench_*.py; do

@@ -314,9 +314,11 @@ def test_adakv_many_heads_long_rows_large_budgets(
     # integer scores: every scaled score is exact or tied exactly, so both paths rank alike
     many = torch.randint(0, 50, (4, 32, 2000), generator=gen).float()
     run_and_compare(device, adakv_case(many, 96, False, [2032, 900, 40, 2032]), need_gap=False)
-    # heads holding the same multiset: equal f_h, exact ties across heads
-    values = torch.randint(0, 9, (9000,), generator=gen).float()
-    same = torch.stack([values[torch.randperm(9000, generator=gen)] for _ in range(4)])[None]
+    # heads holding the same multiset: equal f_h, exact ties across heads; 12,000 keys cached in one
+    # block take 48,000 bytes of dynamic shared memory, over the default limit once the kernel's
+    # static shared memory is counted (a launch that failed before the limit was raised for it)
+    values = torch.randint(0, 9, (12_000,), generator=gen).float()
+    same = torch.stack([values[torch.randperm(12_000, generator=gen)] for _ in range(4)])[None]
     for budget in (64, 1056, 4000):
         run_and_compare(device, adakv_case(same, budget, True), need_gap=False)
     # real-valued scores on different scales (the k-th place has a clear gap for this seed)
@@ -329,3 +331,18 @@ def test_adakv_many_heads_long_rows_large_budgets(
         )  # type: ignore[arg-type]
         assert gap > 1e-6
         run_and_compare(device, case, need_gap=False)
+
+
+def test_adakv_heads_beyond_one_block_raise(device: str) -> None:
+    """AdaKV's CUDA allocation keeps 28 bytes per kv head in one block's shared memory: a layer with
+    more kv heads than that holds is refused with a ValueError (the CPU twin has no such limit and
+    must agree with the reference)."""
+    gen = torch.Generator().manual_seed(3)
+    imp = torch.rand((1, 9000, 40), generator=gen)
+    case = adakv_case(imp, 40, False)
+    if device == "cpu":
+        run_and_compare(device, case, need_gap=False)
+        return
+    with pytest.raises(ValueError, match="too many kv heads"):
+        capacities("adakv", imp.to(device), budget=40, window=32, layer_idx=1, num_layers=4)
+    torch.cuda.synchronize()  # nothing was left running on the device

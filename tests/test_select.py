@@ -214,8 +214,11 @@ def test_every_launch_shape(device: str, max_cluster: str | None, monkeypatch: p
     if max_cluster is not None:
         monkeypatch.setenv("MIXKV_SELECT_MAX_CLUSTER", max_cluster)
     gen = torch.Generator().manual_seed(23)
-    # one block (short rows, exactly at the limit), clusters of 2 (just above it) and of 8+ (long rows)
-    for p, caps in ((4096, [[1, 4095, 4096]]), (4097, [[4097, 2048, 3]]), (70_001, [[64, 1056, 65_000]])):
+    # one block (short rows, exactly at the limit), clusters of 2 (just above it) and of 8+ (long
+    # rows); with one block per row, 12,000 cached keys (48,000 bytes) plus the kernel's static
+    # shared memory pass the default 48 KiB limit, which must be raised for that launch
+    shapes = ((4096, [[1, 4095, 4096]]), (4097, [[4097, 2048, 3]]), (12_000, [[64, 6000, 12_000]]))
+    for p, caps in (*shapes, (70_001, [[64, 1056, 65_000]])):
         scores = torch.rand((1, 3, p), generator=gen) ** 3
         scores[0, 1, p // 3 : p // 2] = 0.5  # ties across block boundaries
         scores[0, 2, : p // 4] = NEG_INF

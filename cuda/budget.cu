@@ -128,14 +128,7 @@ __global__ void __launch_bounds__(512) adakv_top_kernel(BudgetArgs a, AdaWork w)
   const int chunk = (pb + G - 1) / G;
   const int lo = min(rank * chunk, pb), n_local = min(lo + chunk, pb) - lo;
   const float* src = a.imp + b * a.i_b + h * a.i_h + (a.P - pb) + lo;
-  if constexpr (kCached) csel::load_keys<8>(src, n_local, cached_keys);
-  auto key_at = [&](int i) -> uint32_t {
-    if constexpr (kCached) {
-      return cached_keys[i];
-    } else {
-      return rx::order_key(src[i]);
-    }
-  };
+  const auto key_at = csel::row_keys<kCached>(src, n_local, cached_keys);
   const int64_t m64 = a.base * a.H < pb64 ? a.base * a.H : pb64;
   uint32_t c[NT];
   c[0] = static_cast<uint32_t>(m64);

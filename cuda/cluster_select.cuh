@@ -385,6 +385,28 @@ __device__ __forceinline__ void load_keys(const float* __restrict__ src, int n, 
   }
 }
 
+// The order key of a block's local position i: from the keys the block cached in shared memory
+// (kCached), or read from global memory and converted on every call.
+template <bool kCached>
+struct RowKeys {
+  const float* __restrict__ src;
+  const uint32_t* cached;
+  __device__ __forceinline__ uint32_t operator()(int i) const {
+    if constexpr (kCached) {
+      return cached[i];
+    } else {
+      return order_key(src[i]);
+    }
+  }
+};
+
+// The block's n keys src[0 .. n) as RowKeys, cached into `cached` first when kCached.
+template <bool kCached>
+__device__ __forceinline__ RowKeys<kCached> row_keys(const float* __restrict__ src, int n, uint32_t* cached) {
+  if constexpr (kCached) load_keys<8>(src, n, cached);
+  return RowKeys<kCached>{src, cached};
+}
+
 // Fixed-order float64 sums of two values per thread over the block (thread 0's result is exact to
 // the order: lanes, then warps in order). Returns the sums on thread 0 only.
 template <int NT>

@@ -19,7 +19,6 @@
 namespace mixkv {
 namespace {
 
-namespace rx = cuda_detail::radix;
 namespace csel = cuda_detail::csel;
 namespace cg = cooperative_groups;
 
@@ -49,14 +48,7 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
   const float* src = a.scores + b * a.s_b + h * a.s_h + lo;
   int32_t* out = a.positions + b * a.p_b + h * a.p_h;
   const int cap = a.caps[b * a.c_b + h * a.c_h];  // in flight while the keys load
-  if constexpr (kCached) csel::load_keys<8>(src, n_local, cached_keys);
-  auto key_at = [&](int i) -> uint32_t {
-    if constexpr (kCached) {
-      return cached_keys[i];
-    } else {
-      return rx::order_key(src[i]);
-    }
-  };
+  const auto key_at = csel::row_keys<kCached>(src, n_local, cached_keys);
   const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(a.P, a.C)));
   const csel::Cut cut = csel::cluster_cut(key_at, kCached ? cached_keys : nullptr, n_local, c, sh);
   if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on

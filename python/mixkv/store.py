@@ -231,7 +231,8 @@ class VarlenKVStore:
 
         The hot path of a cache layer: the core checks every argument, before anything changes, and
         raises ValueError naming it (``k_new``, ``v_new``, ``q``, ...); Python checks only what it
-        needs to read (tensors of rank 4, q's T that of k).
+        reads or what the core cannot name (tensors of rank 4 of the store's dtype, q's T that of k),
+        raising the errors of :meth:`append` and :meth:`attend`.
         """
         if not (
             type(k) is torch.Tensor
@@ -239,6 +240,8 @@ class VarlenKVStore:
             and type(q) is torch.Tensor
             and k.dim() == 4
             and q.dim() == 4
+            and k.dtype is self._dtype
+            and q.dtype is self._dtype
             and q.shape[2] == k.shape[2]
             and type(scale) is float
         ):
@@ -250,7 +253,11 @@ class VarlenKVStore:
         out = torch.empty((b, tq, hq, d), dtype=q.dtype, device=q.device)
         max_len = self._max_len + t
         total = self._total + t * self._host_lengths.size
-        ws = workspace(_core.attend_workspace_bytes(b, hq, tq, d, max_len), self._device)
+        ws = None
+        stream = 0
+        if self._device.type == "cuda":
+            ws = workspace(_core.attend_workspace_bytes(b, hq, tq, d, max_len), self._device)
+            stream = stream_handle(self._device)
         _core.store_append_attend(
             to_dlpack(k),
             to_dlpack(v),
@@ -263,7 +270,7 @@ class VarlenKVStore:
             scale,
             to_dlpack(out),
             None if ws is None else to_dlpack(ws),
-            stream_handle(self._device),
+            stream,
             total,
         )
         self._host_lengths += t
@@ -276,6 +283,9 @@ class VarlenKVStore:
         """The errors of :meth:`append_attend` for what it reads before the core sees the arguments."""
         kt, _ = _check_kv("k", k, "v", v)
         qt = check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+        for name, tensor in (("k", kt), ("q", qt)):
+            if tensor.dtype != self._dtype:
+                raise TypeError(f"{name} must have the store's dtype {self._dtype}, got {tensor.dtype}")
         if qt.shape[2] != kt.shape[2]:
             raise ValueError(f"q must hold the queries of the {kt.shape[2]} tokens of k, got shape {tuple(qt.shape)}")
         if isinstance(scale, bool) or not isinstance(scale, int | float):

@@ -10,6 +10,7 @@
 
 #include "mixkv/attend.hpp"
 #include "mixkv/budget.hpp"
+#include "mixkv/decode.hpp"
 #include "mixkv/runtime.hpp"
 #include "mixkv/score.hpp"
 #include "mixkv/select.hpp"
@@ -183,4 +184,16 @@ NB_MODULE(_core, m) {
       nb::arg("q"), nb::arg("k_buf"), nb::arg("v_buf"), nb::arg("offsets"), nb::arg("lengths"),
       nb::arg("max_length"), nb::arg("scale"), nb::arg("out").noconvert(), nb::arg("workspace").none().noconvert(),
       nb::arg("stream"), nb::arg("total_length") = -1);
+  m.def(
+      "store_append_attend",
+      [](Array k, Array v, Array q, Array offsets, OutArray lengths, OutArray k_buf, OutArray v_buf,
+         int64_t max_length, float scale, OutArray out, OptOutArray workspace, std::uintptr_t stream,
+         int64_t total_length) {
+        mixkv::store_append_attend(view(k), view(v), view(q), view(offsets), view(lengths), view(k_buf), view(v_buf),
+                                   max_length, scale, view(out), view(workspace), stream, total_length);
+      },
+      nb::arg("k_new"), nb::arg("v_new"), nb::arg("q"), nb::arg("offsets"), nb::arg("lengths").noconvert(),
+      nb::arg("k_buf").noconvert(), nb::arg("v_buf").noconvert(), nb::arg("max_length"), nb::arg("scale"),
+      nb::arg("out").noconvert(), nb::arg("workspace").none().noconvert(), nb::arg("stream"),
+      nb::arg("total_length") = -1);
 }

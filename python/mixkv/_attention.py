@@ -37,7 +37,11 @@ AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class AttentionLayer(Protocol):
-    """What the registered function needs from a cache layer that claimed a call."""
+    """What the registered function needs from a cache layer that claimed a call.
+
+    The layer looks up the model's original implementation itself (:func:`delegate_for`) when it
+    needs it: a decode step never does, and skips the lookup.
+    """
 
     def attention(
         self,
@@ -46,7 +50,6 @@ class AttentionLayer(Protocol):
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        delegate: AttentionFn,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
@@ -101,7 +104,8 @@ def _eager_for(module: torch.nn.Module) -> AttentionFn:
     return fn
 
 
-def _delegate_for(module: torch.nn.Module) -> AttentionFn:
+def delegate_for(module: torch.nn.Module) -> AttentionFn:
+    """The attention implementation ``module``'s text decoder had before the switch to "mixkv"."""
     name = _original_name(getattr(module, "config", None))
     eager = _eager_for(module)
     if name == "eager":
@@ -118,11 +122,10 @@ def mixkv_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of a switched text decoder: a MixKVCache layer when it returned ``key``, else the original."""
-    delegate = _delegate_for(module)
     layer = _claim(key)
     if layer is None:
-        return delegate(module, query, key, value, attention_mask, **kwargs)
-    return layer.attention(module, query, key, value, attention_mask, delegate, **kwargs)
+        return delegate_for(module)(module, query, key, value, attention_mask, **kwargs)
+    return layer.attention(module, query, key, value, attention_mask, **kwargs)
 
 
 def mixkv_mask(*args: Any, **kwargs: Any) -> Any:

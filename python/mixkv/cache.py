@@ -132,9 +132,11 @@ class MixKVLayer(CacheLayerMixin):
         self.store: VarlenKVStore | None = None
         self.seq_length = 0
         self.record: PrefillRecord | None = None
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # prefill K/V awaiting compression
+        self._decode: tuple[torch.Tensor, torch.Tensor] | None = None  # decode K/V awaiting the store
         self._awaiting_attention = False
         self._warned_sliding = False
+        self._scale: float | None = None  # the last scaling checked (a module's scaling is constant)
 
     # --- transformers layer protocol -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -151,12 +153,13 @@ class MixKVLayer(CacheLayerMixin):
                 f"MixKVCache layer {self.layer_idx}: the previous update was never followed by mixkv attention; "
                 "the model's text attention must run with attn_implementation='mixkv' (MixKVCache(model) sets it)"
             )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         if self.store is None:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
             self._pending = (key_states, value_states)
         else:
-            self.store.append(key_states, value_states)
+            # appended by the attention call, in the same core call as the attention over the store
+            self._decode = (key_states, value_states)
         self.seq_length += key_states.shape[-2]
         self._awaiting_attention = True
         _attention.hand_off(key_states, self)
@@ -178,6 +181,7 @@ class MixKVLayer(CacheLayerMixin):
         self.seq_length = 0
         self.record = None
         self._pending = None
+        self._decode = None
         self._awaiting_attention = False
         self.is_initialized = False
 
@@ -203,7 +207,7 @@ class MixKVLayer(CacheLayerMixin):
             self._select_batch(torch.arange(batch).repeat_interleave(repeats))
 
     def _select_batch(self, indices: torch.Tensor) -> None:
-        if self._pending is not None:
+        if self._pending is not None or self._decode is not None:
             raise RuntimeError("MixKVCache cannot reorder its batch between an update and the attention call")
         if self.store is None:
             return
@@ -217,11 +221,22 @@ class MixKVLayer(CacheLayerMixin):
         """Tokens held per (sequence, kv head), int32 [B, Hkv]."""
         if self.store is None:
             raise RuntimeError(f"layer {self.layer_idx} holds nothing yet (no prefill ran)")
+        self._flush()
         return self.store.lengths
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.store is None else int(self.store.nbytes)
+        if self.store is None:
+            return 0
+        self._flush()
+        return int(self.store.nbytes)
+
+    def _flush(self) -> None:
+        """Append the decode tokens of an update whose attention call has not run yet (inspection only)."""
+        if self._decode is not None and self.store is not None:
+            keys, values = self._decode
+            self._decode = None
+            self.store.append(keys, values)
 
     # --- attention (called by the registered "mixkv" function) -----------------------------------
     def attention(
@@ -231,7 +246,6 @@ class MixKVLayer(CacheLayerMixin):
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        delegate: _attention.AttentionFn,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._awaiting_attention = False
@@ -239,25 +253,35 @@ class MixKVLayer(CacheLayerMixin):
         if self._pending is not None:
             keys, values = self._pending
             self._pending = None
-            output = delegate(module, query, key, value, attention_mask, **kwargs)
+            output = _attention.delegate_for(module)(module, query, key, value, attention_mask, **kwargs)
             self._compress(query, keys, values, attention_mask, scaling)
             return output
-        assert self.store is not None
-        sliding_window = kwargs.get("sliding_window")
-        if (
-            self.layer_idx == 0
-            and sliding_window is not None
-            and self.seq_length > sliding_window
-            and not self._warned_sliding
-        ):
+        store = self.store
+        assert store is not None
+        if self.layer_idx == 0 and not self._warned_sliding:
+            self._warn_sliding(kwargs.get("sliding_window"))
+        if scaling is not None and scaling is not self._scale:
+            # checked once per value (the model passes its module's constant scaling every step)
+            if isinstance(scaling, bool) or not isinstance(scaling, int | float) or scaling == 0:
+                raise ValueError(f"scale must be a non-zero number or None, got {scaling!r}")
+            self._scale = scaling
+        pending = self._decode
+        backend = self.settings.backend
+        if pending is not None and (backend == "auto" or backend == "mixkv"):
+            self._decode = None
+            return store.append_attend(pending[0], pending[1], query, 0.0 if scaling is None else float(scaling)), None
+        self._flush()
+        out = store.attend(query, scale=scaling, backend=backend)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _warn_sliding(self, sliding_window: object) -> None:
+        if sliding_window is not None and self.seq_length > sliding_window:
             self._warned_sliding = True
             warnings.warn(
                 f"the sequence ({self.seq_length} tokens) is longer than the model's sliding window "
                 f"({sliding_window}); MixKVCache attends over every token it kept",
-                stacklevel=2,
+                stacklevel=3,
             )
-        out = self.store.attend(query, scale=scaling, backend=self.settings.backend)
-        return out.transpose(1, 2).contiguous(), None
 
     def _compress(
         self,

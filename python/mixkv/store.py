@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from mixkv import _backends, _core
 from mixkv._checks import (
@@ -222,6 +223,73 @@ class VarlenKVStore:
         call(_core.store_append, kt, vt, self._offsets, self._lengths, self._k, self._v, stream)
         self._host_lengths += t
         self._refresh()
+
+    def append_attend(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scale: float = 0.0) -> torch.Tensor:
+        """One decode step: :meth:`append` of ``k``/``v`` ``[B, Hkv, T, D]``, then :meth:`attend` of their
+        queries ``q`` ``[B, Hq, T, D]`` with the own kernel, in one core call. Returns ``[B, T, Hq, D]``
+        (contiguous: the layout an attention module returns). ``scale`` 0 means 1/sqrt(D).
+
+        The hot path of a cache layer: the core checks every argument, before anything changes, and
+        raises ValueError naming it (``k_new``, ``v_new``, ``q``, ...); Python checks only what it
+        reads or what the core cannot name (tensors of rank 4 of the store's dtype, q's T that of k),
+        raising the errors of :meth:`append` and :meth:`attend`.
+        """
+        if not (
+            type(k) is torch.Tensor
+            and type(v) is torch.Tensor
+            and type(q) is torch.Tensor
+            and k.dim() == 4
+            and q.dim() == 4
+            and k.dtype is self._dtype
+            and q.dtype is self._dtype
+            and q.shape[2] == k.shape[2]
+            and type(scale) is float
+        ):
+            self._check_step(k, v, q, scale)
+        t = k.shape[2]
+        if t > self._room:
+            self._grow(t)
+        b, hq, tq, d = q.shape
+        out = torch.empty((b, tq, hq, d), dtype=q.dtype, device=q.device)
+        max_len = self._max_len + t
+        total = self._total + t * self._host_lengths.size
+        ws = None
+        stream = 0
+        if self._device.type == "cuda":
+            ws = workspace(_core.attend_workspace_bytes(b, hq, tq, d, max_len), self._device)
+            stream = stream_handle(self._device)
+        _core.store_append_attend(
+            to_dlpack(k),
+            to_dlpack(v),
+            to_dlpack(q),
+            to_dlpack(self._offsets),
+            to_dlpack(self._lengths),
+            to_dlpack(self._k),
+            to_dlpack(self._v),
+            max_len,
+            scale,
+            to_dlpack(out),
+            None if ws is None else to_dlpack(ws),
+            stream,
+            total,
+        )
+        self._host_lengths += t
+        self._max_len = max_len
+        self._total = total
+        self._room -= t
+        return out
+
+    def _check_step(self, k: object, v: object, q: object, scale: object) -> None:
+        """The errors of :meth:`append_attend` for what it reads before the core sees the arguments."""
+        kt, _ = _check_kv("k", k, "v", v)
+        qt = check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+        for name, tensor in (("k", kt), ("q", qt)):
+            if tensor.dtype != self._dtype:
+                raise TypeError(f"{name} must have the store's dtype {self._dtype}, got {tensor.dtype}")
+        if qt.shape[2] != kt.shape[2]:
+            raise ValueError(f"q must hold the queries of the {kt.shape[2]} tokens of k, got shape {tuple(qt.shape)}")
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise TypeError(f"scale must be a number, got {type(scale).__name__}")
 
     def _grow(self, extra: int) -> None:
         caps = np.maximum(2 * self._host_caps, self._host_lengths + extra)

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "cuda_check.cuh"
@@ -141,6 +142,9 @@ struct Params {
   float scale, scale2;  // logit scale, and the same times log2(e): softmax statistics are kept base 2
   bool vec_k, need_v, need_kn, need_d;
   bool q_pairs;  // query rows 4-byte aligned: element pairs load as one word
+  // L2 eviction hints of pass 2's tile copies (tensor-core path): 0 none; 1 values evict first (read
+  // once); 2 keys too (their last read), so that keys pass 1 left in L2 are not pushed out by values
+  int l2;
 };
 
 __device__ __forceinline__ int seq_length(const int32_t* valid, int64_t stride, int b, int N) {
@@ -751,14 +755,20 @@ __device__ __forceinline__ void load_q_fragments(const Params<T>& p, int b, int 
 }
 
 // Issue the cp.async copies of rows j0..j0+63 (zero outside [lo, hi) and past D) into `dst`.
+// `hint`: L2 policy of the copies (score_detail::l2_policy).
 template <typename T, int DK>
 __device__ __forceinline__ void issue_tile(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
-                                           T* dst) {
+                                           T* dst, int hint) {
   constexpr int LDK = DK + 8, CH = DK / 8;  // 16-byte row padding: ldmatrix rows in distinct banks
+  const uint64_t pol = score_detail::l2_policy(hint);
   for (int idx = threadIdx.x; idx < kTile * CH; idx += blockDim.x) {
     const int r = idx / CH, c = (idx % CH) * 8, j = j0 + r;
     const bool ok = j >= lo && j < hi && c < D;
-    score_detail::cp_async16(dst + r * LDK + c, ok ? base + int64_t(j) * row_stride + c : base, ok);
+    const T* src = ok ? base + int64_t(j) * row_stride + c : base;
+    if (hint != 0)
+      score_detail::cp_async16_hint(dst + r * LDK + c, src, ok, pol);
+    else
+      score_detail::cp_async16(dst + r * LDK + c, src, ok);
   }
 }
 
@@ -782,7 +792,8 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     const T* kbase = p.k + b * p.ks0 + h * p.ks1;
 #pragma unroll
     for (int st = 0; st < kStages - 1; ++st) {
-      if (st < ntiles) issue_tile<T, DK>(kbase, p.ks2, (t_begin + st) * kTile, s0, p.N, p.D, ring + st * kTile * LDK);
+      if (st < ntiles)
+        issue_tile<T, DK>(kbase, p.ks2, (t_begin + st) * kTile, s0, p.N, p.D, ring + st * kTile * LDK, 0);
       score_detail::cp_async_commit();
     }
     // Row work: LPR lanes per key row, lane part c owns columns 8c..8c+7 and 8(c+LPR)..8(c+LPR)+7.
@@ -809,7 +820,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       __syncthreads();
       if (it + kStages - 1 < ntiles)
         issue_tile<T, DK>(kbase, p.ks2, (t_begin + it + kStages - 1) * kTile, s0, p.N, p.D,
-                          ring + ((it + kStages - 1) % kStages) * kTile * LDK);
+                          ring + ((it + kStages - 1) % kStages) * kTile * LDK, 0);
       score_detail::cp_async_commit();
       const T* tile = ring + (it % kStages) * kTile * LDK;
       const int j0 = (t_begin + it) * kTile;
@@ -909,10 +920,11 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
   if (ntiles > 0) {
     const T* kbase = p.k + b * p.ks0 + h * p.ks1;
     const T* vbase = p.v + b * p.vs0 + h * p.vs1;
+    const int khint = p.l2 >= 2 ? 1 : 0, vhint = p.l2 >= 1 ? 1 : 0;
     auto issue = [&](int it) {
       const int j0 = (t_begin + it) * kTile, st = it % kStages;
-      issue_tile<T, DK>(kbase, p.ks2, j0, s0, p.P, p.D, kring + st * kTile * LDK);
-      if (p.need_v) issue_tile<T, DK>(vbase, p.vs2, j0, s0, p.P, p.D, vring + st * kTile * LDK);
+      issue_tile<T, DK>(kbase, p.ks2, j0, s0, p.P, p.D, kring + st * kTile * LDK, khint);
+      if (p.need_v) issue_tile<T, DK>(vbase, p.vs2, j0, s0, p.P, p.D, vring + st * kTile * LDK, vhint);
     };
 #pragma unroll
     for (int st = 0; st < kStages - 1; ++st) {
@@ -961,7 +973,12 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
         score_detail::load_eight(tile + r * LDK + 8 * part, x);
         score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
 #pragma unroll
-        for (int k = 0; k < 16; ++k) mk[k] = mkey[8 * (part + (k >> 3) * LPR) + (k & 7)];
+        for (int h8 = 0; h8 < 2; ++h8) {  // 16-byte loads of the mean key
+          const float4* mq = reinterpret_cast<const float4*>(mkey + 8 * (part + h8 * LPR));
+          const float4 u0 = mq[0], u1 = mq[1];
+          mk[8 * h8 + 0] = u0.x, mk[8 * h8 + 1] = u0.y, mk[8 * h8 + 2] = u0.z, mk[8 * h8 + 3] = u0.w;
+          mk[8 * h8 + 4] = u1.x, mk[8 * h8 + 5] = u1.y, mk[8 * h8 + 6] = u1.z, mk[8 * h8 + 7] = u1.w;
+        }
         float ss = 0.0f, dm = 0.0f, vs = 0.0f;
 #pragma unroll
         for (int k = 0; k < 16; ++k) ss = fmaf(x[k], x[k], ss), dm = fmaf(x[k], mk[k], dm);
@@ -1135,6 +1152,11 @@ __global__ void __launch_bounds__(kReduceThreads) redundancy_kernel(const float*
 
 // ---- host helpers --------------------------------------------------------------------------------
 
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
+}
+
 // Raise a kernel's dynamic shared-memory limit once per device and size when a launch needs more
 // than the function allows by default.
 template <typename Kernel>
@@ -1268,6 +1290,8 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   MIXKV_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, 2 * sizeof(unsigned) * bh, stream));
   const bool vec_v = aligned16(v.data, {v.stride[0], v.stride[1], v.stride[2], d.D}, sizeof(T));
   bool done = false;
+  // Pass 2 reads keys and values for the last time: evict them first, so that pass 1's keys stay in L2.
+  p.l2 = env_int("MIXKV_SCORE_L2", 2);
   if constexpr (!std::is_same_v<T, float>) {
     if (p.vec_k && (vec_v || !p.need_v) && d.strips <= kMaxStrips) {
       // 32 rows per warp; 16 for head dimension 256 (its query fragments need twice the registers)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from mixkv.bench.compress import make_step
+from mixkv.bench.timing import device_us_by_kernel
 
 
 def main() -> int:
@@ -23,17 +23,9 @@ def main() -> int:
         v = torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16)
         for policy, mix in (("snapkv", True), ("adakv", True)):
             step = make_step(q, k, v, policy=policy, mix=mix, budget=64, layers=28)
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    step()
-                torch.cuda.synchronize()
             print(f"== N={n} {policy}+mix (device us per step, by kernel)")
-            for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
-                if ev.device_time_total > 0:
-                    print(f"  {ev.device_time_total / 10:9.1f}  x{ev.count // 10:<3} {ev.key[:90]}")
+            for key, us, count in device_us_by_kernel(step):
+                print(f"  {us:9.1f}  x{count:<3} {key[:90]}")
     return 0
 
 

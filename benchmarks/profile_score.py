@@ -12,9 +12,8 @@ import os
 import re
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from mixkv.bench.timing import median_graph_ms
+from mixkv.bench.timing import device_us_by_kernel, median_graph_ms
 from mixkv.ops import compute_scores
 
 
@@ -68,18 +67,7 @@ def main() -> int:
                 diff = 0.0 if first is None else float(((out - first).abs() / first.abs().amax()).max())
                 first = out if first is None else first
                 graph_us = median_graph_ms(step, reps=30) * 1e3
-                for _ in range(3):
-                    step()
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(10):
-                        step()
-                    torch.cuda.synchronize()
-                parts = [
-                    f"{short(ev.key)} {ev.device_time_total / 10:.1f}"
-                    for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-                    if ev.device_time_total > 0
-                ]
+                parts = [f"{short(key)} {us:.1f}" for key, us, _ in device_us_by_kernel(step)]
                 print(f"N={n:6d} {name:12s} graph {graph_us:7.1f} us | diff {diff:.1e} | " + ", ".join(parts))
             finally:
                 for key, value in saved.items():

@@ -12,8 +12,8 @@ import os
 from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from mixkv.bench.timing import device_us_by_kernel
 from mixkv.ops import capacities_into, select_into
 
 WINDOW = 32
@@ -33,14 +33,7 @@ VARIANTS: tuple[dict[str, str], ...] = ({}, {"MIXKV_SELECT_MAX_CLUSTER": "1"})
 
 
 def device_us(fn: Callable[[], None], reps: int = 20) -> dict[str, float]:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return {ev.key[:60]: ev.device_time_total / reps for ev in prof.key_averages() if ev.device_time_total > 0}
+    return {key[:60]: us for key, us, _ in device_us_by_kernel(fn, reps=reps)}
 
 
 def ops_for(b: int, h: int, p: int, budget: int) -> dict[str, Callable[[], None]]:

@@ -1,4 +1,5 @@
-"""Small timing helpers: device synchronisation, medians of eager calls and of CUDA-graph replays."""
+"""Small timing helpers: device synchronisation, medians of eager calls and of CUDA-graph replays,
+device time per kernel."""
 
 from __future__ import annotations
 
@@ -59,3 +60,19 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) 
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     return 2 * nbytes / (median_graph_ms(lambda: dst.copy_(src), reps=reps, inner=1) / 1e3)
+
+
+def device_us_by_kernel(fn: Callable[[], object], reps: int = 10, warmup: int = 3) -> list[tuple[str, float, int]]:
+    """Device time of each kernel ``fn`` launches, under torch.profiler (CUDA only): (name, us per
+    call of ``fn``, launches per call), most expensive first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    return [(ev.key, ev.device_time_total / reps, ev.count // reps) for ev in events if ev.device_time_total > 0]

@@ -47,13 +47,25 @@ std::size_t attend_workspace_bytes(int64_t B, int64_t Hq, int64_t T, int64_t D, 
   return static_cast<std::size_t>(B * Hq * T * splits * (D + 2)) * sizeof(float);
 }
 
+void check_attend_workspace(const Tensor& workspace, const Tensor& q, int64_t max_length) {
+  const std::size_t need = attend_workspace_bytes(q.shape[0], q.shape[1], q.shape[2], q.shape[3], max_length);
+  if (need == 0 || !q.is_cuda()) return;
+  require(workspace.present, "workspace is required: ", need, " bytes");
+  check_tensor(workspace, "workspace", 1);
+  check_dtype(workspace, "workspace", DType::u8);
+  check_contiguous(workspace, "workspace");
+  require(static_cast<std::size_t>(workspace.shape[0]) >= need, "workspace must hold at least ", need, " bytes, got ",
+          workspace.shape[0]);
+  check_same_device(workspace, "workspace", q, "q");
+}
+
 void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Tensor& offsets,
             const Tensor& lengths, int64_t max_length, float scale, const Tensor& out,
             const Tensor& workspace, std::uintptr_t stream, int64_t total_length) {
   check_tensor(q, "q", 4);
   check_float(q, "q");
   check_last_dim_contiguous(q, "q");
-  const int64_t B = q.shape[0], Hq = q.shape[1], T = q.shape[2], D = q.shape[3];
+  const int64_t B = q.shape[0], Hq = q.shape[1], D = q.shape[3];
   check_tensor(offsets, "offsets", 1);
   const int64_t S = offsets.shape[0];
   require(B > 0 && S % B == 0 && S > 0, "offsets must have B * Hkv entries (B = ", B, "), got ", S);
@@ -81,16 +93,7 @@ void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Ten
   check_same_device(lengths, "lengths", q, "q");
   require(max_length >= 0, "max_length must be >= 0, got ", max_length);
   require(std::isfinite(scale), "scale must be finite, got ", scale);
-  const std::size_t need = attend_workspace_bytes(B, Hq, T, D, max_length);
-  if (need > 0 && q.is_cuda()) {
-    require(workspace.present, "workspace is required: ", need, " bytes");
-    check_tensor(workspace, "workspace", 1);
-    check_dtype(workspace, "workspace", DType::u8);
-    check_contiguous(workspace, "workspace");
-    require(static_cast<std::size_t>(workspace.shape[0]) >= need, "workspace must hold at least ", need,
-            " bytes, got ", workspace.shape[0]);
-    check_same_device(workspace, "workspace", q, "q");
-  }
+  check_attend_workspace(workspace, q, max_length);
   if (q.is_cuda()) {
 #ifdef MIXKV_WITH_CUDA
     cuda::attend(q, k_buf, v_buf, offsets, lengths, max_length, scale, out, workspace, stream, total_length);

@@ -38,16 +38,7 @@ void store_append_attend(const Tensor& k_new, const Tensor& v_new, const Tensor&
   check_same_device(out, "out", q, "q");
   require(max_length >= 0, "max_length must be >= 0, got ", max_length);
   require(std::isfinite(scale), "scale must be finite, got ", scale);
-  const std::size_t need = attend_workspace_bytes(B, Hq, T, D, max_length);
-  if (need > 0 && q.is_cuda()) {
-    require(workspace.present, "workspace is required: ", need, " bytes");
-    check_tensor(workspace, "workspace", 1);
-    check_dtype(workspace, "workspace", DType::u8);
-    check_contiguous(workspace, "workspace");
-    require(static_cast<std::size_t>(workspace.shape[0]) >= need, "workspace must hold at least ", need,
-            " bytes, got ", workspace.shape[0]);
-    check_same_device(workspace, "workspace", q, "q");
-  }
+  check_attend_workspace(workspace, q, max_length);
   // The append checks the rest of its arguments (k_buf, v_buf, offsets, lengths) before it writes.
   store_append(k_new, v_new, offsets, lengths, k_buf, v_buf, stream);
   Tensor out_bhtd = out;  // attend's [B, Hq, T, D] view of the same memory

@@ -24,6 +24,10 @@ namespace mixkv {
 // that uneven segments still fill the device. Any value gives the same result.
 // workspace: uint8 [>= attend_workspace_bytes(...)] on q's device; may be absent when that is 0.
 std::size_t attend_workspace_bytes(int64_t B, int64_t Hq, int64_t T, int64_t D, int64_t max_length);
+// Checks `workspace` for an attention of q [B, Hq, T, D] over segments of up to max_length tokens:
+// present, uint8, contiguous, large enough and on q's device where q is on CUDA and the size is
+// not 0 (the CPU twin takes none). Raises naming "workspace".
+void check_attend_workspace(const Tensor& workspace, const Tensor& q, int64_t max_length);
 // Smallest number of tokens of one segment handled by one block of the CUDA kernel (the split
 // size) for `rows` = B * Hq * T query rows: a multiple of 64 such that rows * splits partial results
 // fit a bounded workspace (at most 512 splits, and about 16384 partial rows in all). The workspace

@@ -65,7 +65,7 @@ def test_append_attend_equals_append_then_attend(device, seed, b, hkv, group, n,
     fused, segs = build(seed, b, hkv, n, d, dtype, device, reserve)
     split, _ = build(seed, b, hkv, n, d, dtype, device, reserve)
     g = torch.Generator().manual_seed(seed + 1)
-    scale = 0.3 if scaled else 0.0
+    scale = 0.3 if scaled else None
     for step in range(5):
         t = 1 if step % 3 else 2
         kn = torch.randn(b, hkv, t, d, generator=g).to(dtype)
@@ -73,7 +73,7 @@ def test_append_attend_equals_append_then_attend(device, seed, b, hkv, group, n,
         q = torch.randn(b, hkv * group, t, d, generator=g).to(dtype)
         out = fused.append_attend(kn.to(device), vn.to(device), q.to(device), scale)
         split.append(kn.to(device), vn.to(device))
-        expect = split.attend(q.to(device), scale=scale or None)
+        expect = split.attend(q.to(device), scale=scale)
         assert out.shape == (b, t, hkv * group, d) and out.dtype == dtype and out.is_contiguous()
         assert torch.equal(out.cpu(), expect.transpose(1, 2).cpu())  # same kernels, same result
         for key in segs:
@@ -119,7 +119,9 @@ def test_append_attend_refuses_bad_input_and_changes_nothing():
         ((k.numpy(), k, q), TypeError, "k must be a torch.Tensor"),
         ((k, k, q[0]), ValueError, "q must have 4 dimensions"),
         ((k, k, torch.randn(2, 4, 2, 8)), ValueError, "q must hold the queries of the 1 tokens"),
-        ((k, k, q, "0.5"), TypeError, "scale must be a number"),
+        ((k, k, q, "0.5"), TypeError, "scale must be a number or None"),
+        ((k, k, q, 0.0), ValueError, "scale must be a non-zero number or None"),
+        ((k, k, q, 0), ValueError, "scale must be a non-zero number or None"),
         ((k, k, q.double()), TypeError, "q must have dtype"),
         ((k, k, q.half()), TypeError, "q must have the store's dtype"),
         ((k, k, torch.randn(2, 3, 1, 8)), ValueError, "not a multiple of the 2 kv heads"),

@@ -269,7 +269,7 @@ class MixKVLayer(CacheLayerMixin):
         backend = self.settings.backend
         if pending is not None and (backend == "auto" or backend == "mixkv"):
             self._decode = None
-            return store.append_attend(pending[0], pending[1], query, 0.0 if scaling is None else float(scaling)), None
+            return store.append_attend(pending[0], pending[1], query, None if scaling is None else float(scaling)), None
         self._flush()
         out = store.attend(query, scale=scaling, backend=backend)
         return out.transpose(1, 2).contiguous(), None

@@ -224,10 +224,13 @@ class VarlenKVStore:
         self._host_lengths += t
         self._refresh()
 
-    def append_attend(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scale: float = 0.0) -> torch.Tensor:
+    def append_attend(
+        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, scale: float | None = None
+    ) -> torch.Tensor:
         """One decode step: :meth:`append` of ``k``/``v`` ``[B, Hkv, T, D]``, then :meth:`attend` of their
         queries ``q`` ``[B, Hq, T, D]`` with the own kernel, in one core call. Returns ``[B, T, Hq, D]``
-        (contiguous: the layout an attention module returns). ``scale`` 0 means 1/sqrt(D).
+        (contiguous: the layout an attention module returns). ``scale`` as in :meth:`attend`
+        (default 1/sqrt(D)).
 
         The hot path of a cache layer: the core checks every argument, before anything changes, and
         raises ValueError naming it (``k_new``, ``v_new``, ``q``, ...); Python checks only what it
@@ -243,7 +246,7 @@ class VarlenKVStore:
             and k.dtype is self._dtype
             and q.dtype is self._dtype
             and q.shape[2] == k.shape[2]
-            and type(scale) is float
+            and (scale is None or (type(scale) is float and scale != 0.0))
         ):
             self._check_step(k, v, q, scale)
         t = k.shape[2]
@@ -267,7 +270,7 @@ class VarlenKVStore:
             to_dlpack(self._k),
             to_dlpack(self._v),
             max_len,
-            scale,
+            0.0 if scale is None else float(scale),  # the core's 0: 1/sqrt(D)
             to_dlpack(out),
             None if ws is None else to_dlpack(ws),
             stream,
@@ -288,8 +291,10 @@ class VarlenKVStore:
                 raise TypeError(f"{name} must have the store's dtype {self._dtype}, got {tensor.dtype}")
         if qt.shape[2] != kt.shape[2]:
             raise ValueError(f"q must hold the queries of the {kt.shape[2]} tokens of k, got shape {tuple(qt.shape)}")
-        if isinstance(scale, bool) or not isinstance(scale, int | float):
-            raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+            raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+        if scale == 0:
+            raise ValueError(f"scale must be a non-zero number or None, got {scale!r}")
 
     def _grow(self, extra: int) -> None:
         caps = np.maximum(2 * self._host_caps, self._host_lengths + extra)

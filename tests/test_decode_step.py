@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from mixkv import MixKVCache, _core
 from mixkv.store import VarlenKVStore
 from models import TinyModel, generate, text_lm
+from test_attend import reference as attend_reference
 
 FIXTURE_OK = settings(suppress_health_check=[*settings().suppress_health_check, HealthCheck.function_scoped_fixture])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -35,18 +36,8 @@ def build(seed: int, b: int, hkv: int, n: int, d: int, dtype: torch.dtype, devic
 
 
 def reference(q: torch.Tensor, segs, hkv: int, scale: float) -> torch.Tensor:
-    """float64 attention of q [B, Hq, T, D] over the segments, causal over the last T tokens -> [B, T, Hq, D]."""
-    b, hq, t, d = q.shape
-    out = torch.zeros(b, t, hq, d, dtype=torch.float64)
-    for bi in range(b):
-        for h in range(hq):
-            k, v = segs[(bi, h // (hq // hkv))]
-            length = k.shape[0]
-            for ti in range(t):
-                seen = length - t + ti + 1
-                s = (k[:seen].double() @ q[bi, h, ti].double()) * scale
-                out[bi, ti, h] = torch.softmax(s, 0) @ v[:seen].double()
-    return out
+    """float64 attention of the step's queries over the segments, in the step's [B, T, Hq, D] layout."""
+    return attend_reference(q, segs, hkv, scale).transpose(1, 2)
 
 
 @FIXTURE_OK

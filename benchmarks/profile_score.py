@@ -2,7 +2,10 @@
 
 Variants (``--variants name:KEY=V,KEY=V``) set environment variables around their measurements, for
 tuning switches a build under study reads at each call; every variant's scores are compared with
-the first variant's.
+the first variant's. ``--repeats R`` measures the variants R times, interleaved, e.g.
+
+    python benchmarks/profile_score.py --repeats 2 --variants default: \
+        slabs1:MIXKV_SCORE_SLABS=1 slabs2:MIXKV_SCORE_SLABS=2 slabs3:MIXKV_SCORE_SLABS=3
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32000])
     parser.add_argument("--variants", nargs="+", default=["default:"])
     parser.add_argument("--importance", action="store_true", help="also write the importance (AdaKV)")
+    parser.add_argument("--repeats", type=int, default=1, help="measure every variant this many times, interleaved")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("profile_score: no CUDA device")
@@ -58,7 +62,7 @@ def main() -> int:
             return res.scores
 
         first: torch.Tensor | None = None
-        for text in args.variants:
+        for text in args.variants * max(1, args.repeats):
             name, env = parse_variant(text)
             saved = {key: os.environ.get(key) for key in env}
             os.environ.update(env)

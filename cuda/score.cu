@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -50,6 +51,7 @@ constexpr int kReduceThreads = 256;
 constexpr int kTargetBlocks = 264;  // chunks per pass: about two resident blocks per SM on a 132-SM GPU
 constexpr int kCP = 11;            // per-chunk partials of pass 2
 constexpr int kFin = 10;           // per-(b, h) mixing constants
+constexpr float kMScale = 1024.0f;  // the mean unit key's scale on the tensor cores (pass 2)
 constexpr int64_t kAlign = 256;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -755,20 +757,31 @@ __device__ __forceinline__ void load_q_fragments(const Params<T>& p, int b, int 
 }
 
 // Issue the cp.async copies of rows j0..j0+63 (zero outside [lo, hi) and past D) into `dst`.
-// `hint`: L2 policy of the copies (score_detail::l2_policy).
+// `hint`: L2 policy of the copies (score_detail::l2_policy). Thread i copies the 16-byte pieces
+// i + u·blockDim: blockDim is a multiple of 32, hence of CH = DK / 8, so the thread's column is fixed
+// and its rows step by blockDim / CH — one pointer step per piece instead of a 64-bit index product.
 template <typename T, int DK>
 __device__ __forceinline__ void issue_tile(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
                                            T* dst, int hint) {
   constexpr int LDK = DK + 8, CH = DK / 8;  // 16-byte row padding: ldmatrix rows in distinct banks
-  const uint64_t pol = score_detail::l2_policy(hint);
-  for (int idx = threadIdx.x; idx < kTile * CH; idx += blockDim.x) {
-    const int r = idx / CH, c = (idx % CH) * 8, j = j0 + r;
-    const bool ok = j >= lo && j < hi && c < D;
-    const T* src = ok ? base + int64_t(j) * row_stride + c : base;
-    if (hint != 0)
-      score_detail::cp_async16_hint(dst + r * LDK + c, src, ok, pol);
-    else
-      score_detail::cp_async16(dst + r * LDK + c, src, ok);
+  const int c = (threadIdx.x % CH) * 8, rstep = blockDim.x / CH;
+  int r = threadIdx.x / CH;
+  const bool col_ok = c < D;
+  const T* src = base + int64_t(j0 + r) * row_stride + c;
+  const int64_t sstep = int64_t(rstep) * row_stride;
+  T* out = dst + r * LDK + c;
+  auto copy_all = [&](auto one) {
+    for (; r < kTile; r += rstep, src += sstep, out += rstep * LDK) {
+      const int j = j0 + r;
+      const bool ok = col_ok && j >= lo && j < hi;
+      one(out, ok ? src : base, ok);
+    }
+  };
+  if (hint != 0) {
+    const uint64_t pol = score_detail::l2_policy(hint);
+    copy_all([pol](T* d, const T* s, bool ok) { score_detail::cp_async16_hint(d, s, ok, pol); });
+  } else {
+    copy_all([](T* d, const T* s, bool ok) { score_detail::cp_async16(d, s, ok); });
   }
 }
 
@@ -782,7 +795,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
   constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT;
   extern __shared__ __align__(128) unsigned char smem[];
   T* ring = reinterpret_cast<T*>(smem);                                              // [kStages][64][LDK]
-  float* usum = reinterpret_cast<float*>(smem + kStages * kTile * LDK * sizeof(T));  // [16][warps][32]
+  float* usum = reinterpret_cast<float*>(smem + kStages * kTile * LDK * sizeof(T));  // [warps][4][32][4]
   const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(p.tiles, (chunk + 1) * p.tpb);
@@ -799,22 +812,27 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     // Row work: LPR lanes per key row, lane part c owns columns 8c..8c+7 and 8(c+LPR)..8(c+LPR)+7.
     constexpr int LPR = DK / 16, RPS = 32 / LPR;
     const int slot = lane / LPR, part = lane % LPR;
-    // This lane's 16 unit-key sums (its row slot, its columns) accumulate in shared memory, laid out
-    // [k][warp][lane] so that a warp's accesses hit 32 distinct banks.
-    float* uacc = usum + warp * 32 + lane;
-    const int ustride = nwarps * 32;
+    // This lane's 16 unit-key sums (its row slot, its columns) accumulate in shared memory as four
+    // float4, laid out [warp][k / 4][lane] so that a quarter warp's 16-byte accesses hit distinct banks.
+    float4* uacc = reinterpret_cast<float4*>(usum) + warp * 4 * 32 + lane;
 #pragma unroll
-    for (int k = 0; k < 16; ++k) uacc[k * ustride] = 0.0f;
+    for (int k4 = 0; k4 < 4; ++k4) uacc[k4 * 32] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const bool mma_warp = warp < p.mma_warps;
     uint32_t qb[NT][KS][2];
     if (mma_warp) load_q_fragments<T, DK, NT>(p, b, h, warp, lane, qb);
     const int g8 = lane >> 2, t4 = lane & 3;
     const float s2 = p.scale2;
-    float rm[NT][2], rs[NT][2];  // running max of the raw logits, sum of 2^((x − max)·s2)
+    // Per row: a reference ms (base 2, scaled) and rs = the sum of 2^(x·s2 − ms). The reference moves
+    // only when a logit exceeds it by more than kSlack (terms stay below 2^kSlack, far from overflow),
+    // so a slab costs one test per row instead of a rescale. ms starts at −FLT_MAX: the first finite
+    // logit moves it, a masked one (−inf) adds 2^−inf = 0.
+    constexpr float kSlack = 16.0f;
+    const float inv_s2 = 1.0f / s2;
+    float ms[NT][2], rs[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) rm[nt][e] = -INFINITY, rs[nt][e] = 0.0f;
+      for (int e = 0; e < 2; ++e) ms[nt][e] = -FLT_MAX, rs[nt][e] = 0.0f;
     for (int it = 0; it < ntiles; ++it) {
       score_detail::cp_async_wait<kStages - 2>();
       __syncthreads();
@@ -836,7 +854,12 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
         for (int o = 1; o < LPR; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
         const float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
 #pragma unroll
-        for (int k = 0; k < 16; ++k) uacc[k * ustride] = fmaf(x[k], inv, uacc[k * ustride]);
+        for (int k4 = 0; k4 < 4; ++k4) {
+          float4 u = uacc[k4 * 32];
+          u.x = fmaf(x[4 * k4], inv, u.x), u.y = fmaf(x[4 * k4 + 1], inv, u.y);
+          u.z = fmaf(x[4 * k4 + 2], inv, u.z), u.w = fmaf(x[4 * k4 + 3], inv, u.w);
+          uacc[k4 * 32] = u;
+        }
       }
       if (mma_warp) {
         const bool edge = j0 < s0 || j0 + kTile - 1 > p.P;
@@ -857,18 +880,32 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
                 }
             }
           }
+          // Raw-logit threshold of each row: its reference plus kSlack (s2 > 0).
+          bool grow = false;
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const float x0 = acc[nt][e], x1 = acc[nt][2 + e], tm = fmaxf(x0, x1);
-              if (tm > rm[nt][e]) {  // rare after the first tiles: rescale only when the max grows
-                rs[nt][e] *= fast_exp2((rm[nt][e] - tm) * s2);
-                rm[nt][e] = tm;
-              }
-              const float ms = rm[nt][e] == -INFINITY ? 0.0f : rm[nt][e] * s2;
-              rs[nt][e] += fast_exp2(fmaf(x0, s2, -ms)) + fast_exp2(fmaf(x1, s2, -ms));
+              const float thr = (ms[nt][e] + kSlack) * inv_s2;
+              grow |= acc[nt][e] > thr || acc[nt][2 + e] > thr;
             }
+          if (grow) {  // rare after the first tiles: move the references of the rows that need it
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float tm = fmaxf(acc[nt][e], acc[nt][2 + e]) * s2;
+                if (tm > ms[nt][e] + kSlack) {
+                  rs[nt][e] *= fast_exp2(ms[nt][e] - tm);  // 0 while the old reference is −FLT_MAX
+                  ms[nt][e] = tm;
+                }
+              }
+          }
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              rs[nt][e] += fast_exp2(fmaf(acc[nt][e], s2, -ms[nt][e])) + fast_exp2(fmaf(acc[nt][2 + e], s2, -ms[nt][e]));
         }
       }
     }
@@ -878,7 +915,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float2 st = make_float2(rm[nt][e] == -INFINITY ? -INFINITY : rm[nt][e] * s2, rs[nt][e]);
+          float2 st = make_float2(rs[nt][e] > 0.0f ? ms[nt][e] : -INFINITY, rs[nt][e]);
           for (int o = 4; o < 32; o <<= 1) {
             const float2 other =
                 make_float2(__shfl_xor_sync(0xffffffffu, st.x, o), __shfl_xor_sync(0xffffffffu, st.y, o));
@@ -895,7 +932,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       float s = 0.0f;
       if (d < p.D)
         for (int w = 0; w < nwarps; ++w)
-          for (int sl = 0; sl < RPS; ++sl) s += usum[(k * nwarps + w) * 32 + sl * LPR + pt];
+          for (int sl = 0; sl < RPS; ++sl) s += usum[((w * 4 + k / 4) * 32 + sl * LPR + pt) * 4 + (k & 3)];
       p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
     }
   }
@@ -909,8 +946,8 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
   extern __shared__ __align__(128) unsigned char smem[];
   T* kring = reinterpret_cast<T*>(smem);                                  // [kStages][64][LDK]
   T* vring = kring + kStages * kTile * LDK;                               // [kStages][64][LDK]
-  float* mkey = reinterpret_cast<float*>(vring + kStages * kTile * LDK);  // [DK]
-  float* stripcol = mkey + DK;                                            // [2][kMaxStrips][64]
+  T* mfrag = vring + kStages * kTile * LDK;                               // [2][DK]: m·2^10 high, low parts
+  float* stripcol = reinterpret_cast<float*>(mfrag + 2 * DK);             // [2][kMaxStrips][64]
   const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int ptiles = (p.P + kTile - 1) / kTile;
@@ -935,7 +972,14 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     uint32_t qb[NT][KS][2];
     if (mma_warp) load_q_fragments<T, DK, NT>(p, b, h, warp, lane, qb);
     score_detail::grid_dep_wait();  // pass 1's row statistics and mean key
-    for (int d = tid; d < DK; d += nthreads) mkey[d] = d < p.Dp ? p.mvec[int64_t(bh) * p.Dp + d] : 0.0f;
+    // The mean unit key as two 16-bit rows (high and low part) for k·m on the tensor cores, scaled by
+    // 2^10 so that the low part of small components stays a normal half-precision number.
+    for (int d = tid; d < DK; d += nthreads) {
+      const float m = d < p.Dp ? p.mvec[int64_t(bh) * p.Dp + d] * kMScale : 0.0f;
+      const T hi = from_float<T>(m);
+      mfrag[d] = hi;
+      mfrag[DK + d] = from_float<T>(m - to_float(hi));
+    }
     const int g8 = lane >> 2, t4 = lane & 3;
     const float s2 = p.scale2;
     // p = 2^(x·s2 − c) with c = max + log2(sum); +inf (p = 0) for rows past W or that see nothing
@@ -953,8 +997,6 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       }
     const int strips_per_head = p.Wp / 16;
     const int64_t col0 = int64_t(bh) * p.P;
-    constexpr int LPR = DK / 16, RPS = 32 / LPR;
-    const int slot = lane / LPR, part = lane % LPR;
     for (int it = 0; it < ntiles; ++it) {
       score_detail::cp_async_wait<kStages - 2>();
       __syncthreads();
@@ -966,39 +1008,34 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       const T* tile = kring + (it % kStages) * kTile * LDK;
       const T* vtile = vring + (it % kStages) * kTile * LDK;
       const int j0 = (t_begin + it) * kTile;
-      // Per prefix token: key norm, k̂·m, value norm (LPR lanes per row; the slot's lanes agree on j).
-      for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
-        const int j = j0 + r;
-        float x[16], mk[16];
-        score_detail::load_eight(tile + r * LDK + 8 * part, x);
-        score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
-#pragma unroll
-        for (int h8 = 0; h8 < 2; ++h8) {  // 16-byte loads of the mean key
-          const float4* mq = reinterpret_cast<const float4*>(mkey + 8 * (part + h8 * LPR));
-          const float4 u0 = mq[0], u1 = mq[1];
-          mk[8 * h8 + 0] = u0.x, mk[8 * h8 + 1] = u0.y, mk[8 * h8 + 2] = u0.z, mk[8 * h8 + 3] = u0.w;
-          mk[8 * h8 + 4] = u1.x, mk[8 * h8 + 5] = u1.y, mk[8 * h8 + 6] = u1.z, mk[8 * h8 + 7] = u1.w;
+      // Per prefix token: key norm, k̂·m and value norm on the tensor cores, one 16-key slab of keys or
+      // of values per task; the tasks go to the warps from the last one down, so that warps without
+      // query rows take them first.
+      for (int task = nwarps - 1 - warp; task < (p.need_v ? 8 : 4); task += nwarps) {
+        const int mt = task & 3;
+        const bool keys = task < 4;
+        float n0, n1, d0 = 0.0f, d1 = 0.0f;
+        if (keys) {
+          score_detail::slab_norms<T, KS, LDK, true>(tile + mt * 16 * LDK, mfrag, lane, n0, n1, d0, d1);
+          d0 = __shfl_sync(0xffffffffu, d0, lane & ~3);
+          d1 = __shfl_sync(0xffffffffu, d1, lane & ~3);
+        } else {
+          score_detail::slab_norms<T, KS, LDK, false>(vtile + mt * 16 * LDK, mfrag, lane, n0, n1, d0, d1);
         }
-        float ss = 0.0f, dm = 0.0f, vs = 0.0f;
+        if (t4 == (g8 >> 1)) {
 #pragma unroll
-        for (int k = 0; k < 16; ++k) ss = fmaf(x[k], x[k], ss), dm = fmaf(x[k], mk[k], dm);
-        if (p.need_v) {
-          score_detail::load_eight(vtile + r * LDK + 8 * part, x);
-          score_detail::load_eight(vtile + r * LDK + 8 * (part + LPR), x + 8);
-#pragma unroll
-          for (int k = 0; k < 16; ++k) vs = fmaf(x[k], x[k], vs);
-        }
-#pragma unroll
-        for (int o = 1; o < LPR; o <<= 1) {
-          ss += __shfl_xor_sync(0xffffffffu, ss, o);
-          dm += __shfl_xor_sync(0xffffffffu, dm, o);
-          vs += __shfl_xor_sync(0xffffffffu, vs, o);
-        }
-        if (part == 0 && j >= s0 && j < p.P) {
-          const float norm = sqrtf(ss);
-          p.knorm[col0 + j] = norm;
-          p.sdot[col0 + j] = dm / fmaxf(norm, 1e-12f);
-          if (p.need_v) p.vnorm[col0 + j] = sqrtf(vs);
+          for (int kh = 0; kh < 2; ++kh) {
+            const int j = j0 + mt * 16 + g8 + 8 * kh;
+            if (j >= s0 && j < p.P) {
+              const float norm = sqrtf(kh ? n1 : n0);
+              if (keys) {
+                p.knorm[col0 + j] = norm;
+                p.sdot[col0 + j] = (kh ? d1 : d0) * (1.0f / kMScale) / fmaxf(norm, 1e-12f);
+              } else {
+                p.vnorm[col0 + j] = norm;
+              }
+            }
+          }
         }
       }
       if (mma_warp) {
@@ -1055,10 +1092,17 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
 }
 
 template <int DK, typename T>
-int64_t mma_smem_bytes(bool second, int threads) {
-  const int64_t ring = int64_t(kStages) * kTile * (DK + 8) * sizeof(T);
-  return second ? 2 * ring + (DK + 2 * kMaxStrips * kTile) * 4 : ring + int64_t(threads / 32) * 32 * 16 * 4;
+constexpr int64_t mma_smem_bytes(bool second, int threads) {
+  const int64_t ring = int64_t(kStages) * kTile * (DK + 8) * int64_t(sizeof(T));
+  return second ? 2 * ring + 2 * DK * int64_t(sizeof(T)) + 2 * kMaxStrips * kTile * 4
+                : ring + int64_t(threads / 32) * 32 * 16 * 4;
 }
+// Two blocks per SM at head dimension 128 need both passes' dynamic shared memory, plus up to 2 KiB of
+// static shared memory and the 1 KiB the hardware reserves per block, within sm_90's 228 KiB.
+static_assert(2 * (mma_smem_bytes<128, __nv_bfloat16>(true, 256) + 2048 + 1024) <= 228 * 1024,
+              "pass 2 at head dimension 128 must keep two blocks per SM");
+static_assert(2 * (mma_smem_bytes<128, __nv_bfloat16>(false, 256) + 2048 + 1024) <= 228 * 1024,
+              "pass 1 at head dimension 128 must keep two blocks per SM");
 
 // Per column: pooling and mixing with pass 2's constants; -inf on padding; r_out.
 template <typename T>
@@ -1102,7 +1146,7 @@ template <typename T>
 __global__ void __launch_bounds__(256) unit_sum_kernel(const T* k, int64_t s0k, int64_t s1k, int64_t s2k,
                                                       const int32_t* valid, int64_t valid_stride, int Hkv, int N,
                                                       int D, int chunks, float* partial) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   float* acc = reinterpret_cast<float*>(smem);  // [8 warps][D]
   const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / Hkv, h = bh % Hkv;
   const int n = seq_length(valid, valid_stride, b, N), first = N - n;

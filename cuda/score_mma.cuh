@@ -150,4 +150,36 @@ __device__ __forceinline__ void slab_logits(const uint32_t (&qb)[NT][KS][2], con
   }
 }
 
+// Squared norms of the 16 rows of a slab ([16][LDK] elements, row-major, shared memory) on the tensor
+// cores: the diagonal of the Gram matrix S·Sᵀ, as two m16n8 tiles whose B operands are the slab's own
+// A fragments (B = rows 0-7: a0, a2; rows 8-15: a1, a3). Lane (g, t = g / 2) gets the squared norms
+// of rows g and g + 8 in n0, n1. With kDot, also S·mfᵀ for `mf`, two rows of KS·16 elements in shared
+// memory (the B operand's columns 0 and 1; the other columns are zero): lane (g, 0) gets
+// (S·mf₀ + S·mf₁) of rows g and g + 8 in d0, d1.
+// Products of 16-bit inputs are exact in float; the sums are the tensor cores' float accumulation.
+template <typename T, int KS, int LDK, bool kDot>
+__device__ __forceinline__ void slab_norms(const T* slab, const T* mf, int lane, float& n0, float& n1, float& d0,
+                                           float& d1) {
+  float ca[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cb[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const T* base = slab + (((lane >> 3) & 1) * 8 + (lane & 7)) * LDK + (lane >> 4) * 8;
+  const bool mrow = lane < 8;  // B column g = lane / 4 is 0 or 1
+  const T* mbase = mf + (lane >> 2) * KS * 16 + 2 * (lane & 3);
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    uint32_t a[4];
+    ldmatrix_x4(a, base + ks * 16);
+    mma_16816<T>(ca, a, a[0], a[2]);
+    mma_16816<T>(cb, a, a[1], a[3]);
+    if constexpr (kDot) {
+      const uint32_t b0 = mrow ? *reinterpret_cast<const uint32_t*>(mbase + ks * 16) : 0u;
+      const uint32_t b1 = mrow ? *reinterpret_cast<const uint32_t*>(mbase + ks * 16 + 8) : 0u;
+      mma_16816<T>(cm, a, b0, b1);
+    }
+  }
+  const bool odd = (lane >> 2) & 1;
+  n0 = odd ? ca[1] : ca[0];
+  n1 = odd ? cb[3] : cb[2];
+  d0 = cm[0] + cm[1];
+  d1 = cm[2] + cm[3];
+}
 }  // namespace mixkv::score_detail

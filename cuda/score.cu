@@ -519,21 +519,35 @@ __host__ __device__ inline Smem smem_layout(int ldk, int elem, int nwarps, int D
 
 // Raw importance of one key tile: per column, the window-row sums of each query head's strips
 // (stripcol [G * strips_per_head][kTile]) averaged over the W window rows, then reduced over the
-// G heads of the group (mean or max). Called by every thread of the block.
+// G heads of the group (mean or max). Called by every thread of the block. One division per column:
+// the mean is Σ / (W·G); the max of the heads' sums divided by W equals the max of the quotients.
 template <typename T>
 __device__ void store_raw_importance(const Params<T>& p, const float* stripcol, int strips_per_head, int j0, int s0,
                                      int64_t col0) {
+  const bool gmax = p.gqa == static_cast<int>(GqaReduce::max);
+  const int S = p.G * strips_per_head;
   for (int c = threadIdx.x; c < kTile; c += blockDim.x) {
     const int j = j0 + c;
     if (j < s0 || j >= p.P) continue;
-    float red = p.gqa == static_cast<int>(GqaReduce::max) ? -INFINITY : 0.0f;
-    for (int g = 0; g < p.G; ++g) {
-      float a = 0.0f;
-      for (int u = 0; u < strips_per_head; ++u) a += stripcol[(g * strips_per_head + u) * kTile + c];
-      a /= static_cast<float>(p.W);
-      red = p.gqa == static_cast<int>(GqaReduce::max) ? fmaxf(red, a) : red + a;
+    const float* col = stripcol + c;
+    float red;
+    if (gmax) {
+      red = -INFINITY;
+      for (int g = 0; g < p.G; ++g) {
+        float a = 0.0f;
+        for (int u = 0; u < strips_per_head; ++u) a += col[(g * strips_per_head + u) * kTile];
+        red = fmaxf(red, a);
+      }
+      red /= static_cast<float>(p.W);
+    } else {
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // independent chains over the strips
+      int s = 0;
+      for (; s + 4 <= S; s += 4)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[q] += col[(s + q) * kTile];
+      for (; s < S; ++s) acc[s & 3] += col[s * kTile];
+      red = ((acc[0] + acc[1]) + (acc[2] + acc[3])) / static_cast<float>(p.W * p.G);
     }
-    if (p.gqa != static_cast<int>(GqaReduce::max)) red /= static_cast<float>(p.G);
     p.raw_a[col0 + j] = red;
   }
 }

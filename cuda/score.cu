@@ -521,12 +521,15 @@ __host__ __device__ inline Smem smem_layout(int ldk, int elem, int nwarps, int D
 // (stripcol [G * strips_per_head][kTile]) averaged over the W window rows, then reduced over the
 // G heads of the group (mean or max). Called by every thread of the block. One division per column:
 // the mean is Σ / (W·G); the max of the heads' sums divided by W equals the max of the quotients.
+// Threads first, first + step, … take the columns (default: the whole block).
 template <typename T>
 __device__ void store_raw_importance(const Params<T>& p, const float* stripcol, int strips_per_head, int j0, int s0,
-                                     int64_t col0) {
+                                     int64_t col0, int first = 0, int step = 0) {
   const bool gmax = p.gqa == static_cast<int>(GqaReduce::max);
   const int S = p.G * strips_per_head;
-  for (int c = threadIdx.x; c < kTile; c += blockDim.x) {
+  if (step == 0) step = blockDim.x;
+  if (int(threadIdx.x) < first) return;
+  for (int c = threadIdx.x - first; c < kTile; c += step) {
     const int j = j0 + c;
     if (j < s0 || j >= p.P) continue;
     const float* col = stripcol + c;
@@ -545,7 +548,7 @@ __device__ void store_raw_importance(const Params<T>& p, const float* stripcol, 
       for (; s + 4 <= S; s += 4)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[q] += col[(s + q) * kTile];
-      for (; s < S; ++s) acc[s & 3] += col[s * kTile];
+      for (; s < S; ++s) acc[0] += col[s * kTile];
       red = ((acc[0] + acc[1]) + (acc[2] + acc[3])) / static_cast<float>(p.W * p.G);
     }
     p.raw_a[col0 + j] = red;
@@ -832,6 +835,10 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
 #pragma unroll
     for (int k4 = 0; k4 < 4; ++k4) uacc[k4 * 32] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const bool mma_warp = warp < p.mma_warps;
+    // Groups of RPS key rows for the unit-key sums: with warps that hold no query rows, each query
+    // warp takes one group (group = its index) and those warps the rest; otherwise round robin.
+    const int nx = nwarps - p.mma_warps;
+    const int ustep = nx > 0 ? (mma_warp ? kTile : nx) : nwarps;
     uint32_t qb[NT][KS][2];
     if (mma_warp) load_q_fragments<T, DK, NT>(p, b, h, warp, lane, qb);
     const int g8 = lane >> 2, t4 = lane & 3;
@@ -857,7 +864,8 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       const T* tile = ring + (it % kStages) * kTile * LDK;
       const int j0 = (t_begin + it) * kTile;
       // Sums of unit keys (padding rows are zero: 0 · 1e12 = 0).
-      for (int r = warp * RPS + slot; r < kTile; r += nwarps * RPS) {
+      for (int u = warp; u < kTile / RPS; u += ustep) {
+        const int r = u * RPS + slot;
         float x[16];
         score_detail::load_eight(tile + r * LDK + 8 * part, x);
         score_detail::load_eight(tile + r * LDK + 8 * (part + LPR), x + 8);
@@ -1011,20 +1019,23 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       }
     const int strips_per_head = p.Wp / 16;
     const int64_t col0 = int64_t(bh) * p.P;
+    // Warps without query rows (if any) take the raw-importance store.
+    const int nx = nwarps - p.mma_warps;
+    const int raw_first = nx > 0 ? p.mma_warps * 32 : 0, raw_step = nx > 0 ? nx * 32 : nthreads;
     for (int it = 0; it < ntiles; ++it) {
       score_detail::cp_async_wait<kStages - 2>();
       __syncthreads();
       if (it > 0)  // the previous tile's column sums (double-buffered: one barrier per tile)
         store_raw_importance(p, stripcol + ((it - 1) & 1) * kMaxStrips * kTile, strips_per_head,
-                             (t_begin + it - 1) * kTile, s0, col0);
+                             (t_begin + it - 1) * kTile, s0, col0, raw_first, raw_step);
       if (it + kStages - 1 < ntiles) issue(it + kStages - 1);
       score_detail::cp_async_commit();
       const T* tile = kring + (it % kStages) * kTile * LDK;
       const T* vtile = vring + (it % kStages) * kTile * LDK;
       const int j0 = (t_begin + it) * kTile;
       // Per prefix token: key norm, k̂·m and value norm on the tensor cores, one 16-key slab of keys or
-      // of values per task; the tasks go to the warps from the last one down, so that warps without
-      // query rows take them first.
+      // of values per task; the tasks go round robin from the last warp down (one per warp with the
+      // extra warp: taking them all, that warp's dependent MMA chains became the critical path).
       for (int task = nwarps - 1 - warp; task < (p.need_v ? 8 : 4); task += nwarps) {
         const int mt = task & 3;
         const bool keys = task < 4;
@@ -1097,7 +1108,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     }
     __syncthreads();
     store_raw_importance(p, stripcol + ((ntiles - 1) & 1) * kMaxStrips * kTile, strips_per_head,
-                         (t_begin + ntiles - 1) * kTile, s0, col0);
+                         (t_begin + ntiles - 1) * kTile, s0, col0, raw_first, raw_step);
   } else {
     score_detail::grid_dep_wait();
   }
@@ -1269,7 +1280,9 @@ template <typename T, int DK, int NT>
 void launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
   const int rows_per_warp = 8 * NT;
   p.mma_warps = static_cast<int>(cdiv(d.Rp, rows_per_warp));
-  const int threads = 32 * std::max(kMinWarps, p.mma_warps);
+  // One warp more than the query rows need, when the launch bound allows (two blocks of 8 warps fill
+  // the register file at 128 registers): it takes the row work the query warps would share unevenly.
+  const int threads = 32 * std::min(mma_threads<NT>() / 32, std::max(kMinWarps, p.mma_warps + 1));
   const int64_t smem1 = mma_smem_bytes<DK, T>(false, threads), smem2 = mma_smem_bytes<DK, T>(true, threads);
   static std::atomic<int64_t> granted1[64];
   static std::atomic<int64_t> granted2[64];

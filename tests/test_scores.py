@@ -348,6 +348,27 @@ def test_odd_head_dims(device: str, dtype: torch.dtype, d: int) -> None:
         assert_close_rows(got.importance, want.importance, 2e-4, 2e-5, "importance")
 
 
+@pytest.mark.parametrize(
+    ("hq", "hkv", "w", "d"),
+    [
+        (16, 2, 32, 128),  # 256 packed rows: every warp of the tensor-core passes holds query rows
+        (14, 2, 32, 256),  # head dimension 256: 14 query warps of 16 rows and one more warp
+        (2, 2, 16, 64),  # one query warp and three more
+    ],
+)
+def test_warp_layouts(device: str, hq: int, hkv: int, w: int, d: int) -> None:
+    """Query-warp counts of the tensor-core passes: with and without warps that hold no query rows."""
+    q, k, v = make_inputs(2, hq, hkv, 333, w, d, torch.bfloat16, device, hq * d)
+    valid = torch.tensor([333, 170], device=device)
+    got = run_core(q, k, v, method="mixkv", pooling="avg", kernel_size=5, gqa="mean", valid=valid)
+    want = reference(
+        q, k, v, method="mixkv", pooling="avg", kernel_size=5, gqa="mean", redundancy=None, valid=[333, 170], scale=None
+    )
+    assert_close_rows(got.scores, want.scores, 2e-4, 2e-5, "scores")
+    assert_close_rows(got.importance, want.importance, 2e-4, 2e-5, "importance")
+    torch.testing.assert_close(got.redundancy.cpu().double(), want.redundancy, rtol=1e-5, atol=1e-6)
+
+
 def test_constant_norms_map_to_zero(device: str) -> None:
     """A constant value-norm row normalises to 0 (the epsilon), so vnorm equals attn."""
     q, k, v = make_inputs(1, 4, 1, 40, 8, 64, torch.float32, device, 2)

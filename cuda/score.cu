@@ -848,7 +848,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     // so a slab costs one test per row instead of a rescale. ms starts at −FLT_MAX: the first finite
     // logit moves it, a masked one (−inf) adds 2^−inf = 0.
     constexpr float kSlack = 16.0f;
-    const float inv_s2 = 1.0f / s2;
+    const float inv_s2 = 1.0f / s2, slack_raw = kSlack * inv_s2;
     float ms[NT][2], rs[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -908,7 +908,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const float thr = (ms[nt][e] + kSlack) * inv_s2;
+              const float thr = fmaf(ms[nt][e], inv_s2, slack_raw);
               grow |= acc[nt][e] > thr || acc[nt][2 + e] > thr;
             }
           if (grow) {  // rare after the first tiles: move the references of the rows that need it

@@ -169,8 +169,10 @@ class Runner:
         inputs, info = self._inputs(config, model, length)
         if self.s.warm_full and any(m.policy is None for m in self.s.methods):
             # The first full-cache run at a new prompt length decodes up to 3x slower than the next
-            # ones (measured; the compressed runs show no such effect): one untimed run of the same
-            # length and token count first, so that every method is timed in its steady state.
+            # ones: SDPA's cuDNN backend builds a plan for every new key length, i.e. at every decode
+            # step of a growing cache (benchmarks/probe_first_run.py; the compressed runs use mixkv's
+            # attention). One untimed run of the same length and token count first, so that every
+            # method is timed in its steady state.
             self.progress.describe(f"{spec.name} {length} full (warm-up)")
             try:
                 self._generate(model, inputs, Method(None), dims, self.s.new_tokens)

@@ -257,6 +257,23 @@ __device__ __forceinline__ void chunk_cols(const Params<T>& p, int chunk, int s0
   e = min((chunk + 1) * p.tpb * kTile, p.P);
 }
 
+// Folds one column of per-chunk values (chunk c at col[c · stride], chunks [c_first, chunks)) in chunk
+// order with `merge`, starting from `acc`; 32 loads in flight per thread.
+template <typename V, typename Merge>
+__device__ __forceinline__ V fold_chunks(const V* col, int64_t stride, int c_first, int chunks, V acc, Merge merge) {
+  constexpr int U = 32;
+  int c = c_first;
+  for (; c + U <= chunks; c += U) {
+    V x[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) x[u] = __ldcg(col + int64_t(c + u) * stride);
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc = merge(acc, x[u]);
+  }
+  for (; c < chunks; ++c) acc = merge(acc, __ldcg(col + int64_t(c) * stride));
+  return acc;
+}
+
 // End of pass 1 (every block): the last block of each b·h merges the chunks' row statistics and unit-
 // key sums: rowstat, mvec and the online r.
 template <typename T>
@@ -266,35 +283,16 @@ __device__ void pass1_finish(const Params<T>& p) {
   if (!last_block(p.counters + bh)) return;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int c_first = (s0 / kTile) / p.tpb;  // chunks before it hold padding only and wrote nothing
-  constexpr int U = 32;  // loads in flight per thread
   for (int r = threadIdx.x; r < p.Rp; r += blockDim.x) {
     if (r % p.Wp >= p.W) continue;
     const float2* st = p.stats + int64_t(bh) * p.chunks1 * p.Rp + r;
-    float2 acc = make_float2(-INFINITY, 0.0f);
-    int c = c_first;
-    for (; c + U <= p.chunks1; c += U) {
-      float2 x[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) x[u] = __ldcg(st + int64_t(c + u) * p.Rp);
-#pragma unroll
-      for (int u = 0; u < U; ++u) acc = merge_stat(acc, x[u]);
-    }
-    for (; c < p.chunks1; ++c) acc = merge_stat(acc, __ldcg(st + int64_t(c) * p.Rp));
-    p.rowstat[int64_t(bh) * p.Rp + r] = acc;
+    p.rowstat[int64_t(bh) * p.Rp + r] = fold_chunks(st, p.Rp, c_first, p.chunks1, make_float2(-INFINITY, 0.0f),
+                                                    [](float2 x, float2 y) { return merge_stat(x, y); });
   }
   float sq = 0.0f;
   for (int d = threadIdx.x; d < p.Dp; d += blockDim.x) {
     const float* ms = p.msum + int64_t(bh) * p.chunks1 * p.Dp + d;
-    float acc = 0.0f;
-    int c = c_first;
-    for (; c + U <= p.chunks1; c += U) {
-      float x[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) x[u] = __ldcg(ms + int64_t(c + u) * p.Dp);
-#pragma unroll
-      for (int u = 0; u < U; ++u) acc += x[u];
-    }
-    for (; c < p.chunks1; ++c) acc += __ldcg(ms + int64_t(c) * p.Dp);
+    const float acc = fold_chunks(ms, p.Dp, c_first, p.chunks1, 0.0f, [](float x, float y) { return x + y; });
     const float m = acc / static_cast<float>(n);
     p.mvec[int64_t(bh) * p.Dp + d] = m;
     sq = fmaf(m, m, sq);

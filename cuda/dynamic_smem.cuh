@@ -14,6 +14,19 @@ namespace mixkv::cuda_detail {
 // A function's default limit is 48 KiB minus its static shared memory (not 48 KiB), so the check
 // goes by the function's own attribute; the limit is raised only when the launch needs more. `op`
 // names the operation in the error for a request the device cannot hold.
+// Whether the current device can give `kernel` `bytes` of dynamic shared memory per block (with the
+// opt-in limit, on top of the kernel's static shared memory).
+template <typename Kernel>
+bool dynamic_smem_fits(Kernel kernel, std::size_t bytes) {
+  cudaFuncAttributes fa{};
+  MIXKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  int device = 0;
+  int optin = 0;
+  MIXKV_CUDA_CHECK(cudaGetDevice(&device));
+  MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes + fa.sharedSizeBytes <= static_cast<std::size_t>(optin);
+}
+
 template <typename Kernel>
 void fit_dynamic_smem(Kernel kernel, std::size_t bytes, const char* op) {
   cudaFuncAttributes fa{};

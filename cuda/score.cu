@@ -28,6 +28,7 @@
 #include "dtype.cuh"
 #include "dynamic_smem.cuh"
 #include "score_mma.cuh"
+#include "tile_ring.cuh"
 #include "mixkv/error.hpp"
 #include "mixkv/score.hpp"
 
@@ -44,7 +45,11 @@ constexpr int kLds = kTile + 4;    // row stride of a warp's logit scratch (floa
 constexpr int kMinWarps = 4;
 constexpr int kMaxWarps = 16;
 constexpr int kFinalThreads = 256;  // finalize: one column per thread
-constexpr int kStages = 3;         // key tiles in flight in the tensor-core passes
+constexpr int kStages = 3;         // key (and value) tiles in flight in tensor-core pass 2
+// key tiles in flight in tensor-core pass 1 (its ring of tile_ring.cuh); 3 at head dimension 256 so
+// that the ring fits sm_80's 163 KiB per block
+template <int DK>
+constexpr int kStages1 = DK <= 128 ? 4 : 3;
 constexpr int kMaxStrips = 16;     // most 16-row strips (256 packed rows) the tensor-core passes take
 constexpr int kRedTokens = 256;    // tokens per block in head_redundancy
 constexpr int kReduceThreads = 256;
@@ -752,35 +757,57 @@ __device__ __forceinline__ void load_q_fragments(const Params<T>& p, int b, int 
                                                  uint32_t (&qb)[NT][DK / 16][2]) {
   using score_detail::pack_pair;
   const int g8 = lane >> 2, t = lane & 3;
-  const T zero = from_float<T>(0.0f);
+  // One row pointer per n8 tile (rows outside the query window point at its first row, and a select
+  // zeroes what they read), so that in the common case the loads issue back to back.
+  const T* rows[NT];
+  bool row_ok[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    const int r = warp * 8 * NT + nt * 8 + g8, g = r / p.Wp, i = r % p.Wp;
-    const bool ok = r < p.Rp && i < p.W;
-    const T* row = p.q + b * p.qs0 + int64_t(h * p.G + (ok ? g : 0)) * p.qs1 + int64_t(ok ? i : 0) * p.qs2;
+    const int r = warp * 8 * NT + nt * 8 + g8, g = r / p.Wp, i = r - g * p.Wp;
+    row_ok[nt] = r < p.Rp && i < p.W;
+    rows[nt] = p.q + b * p.qs0 + int64_t(h * p.G + (row_ok[nt] ? g : 0)) * p.qs1 + int64_t(row_ok[nt] ? i : 0) * p.qs2;
+  }
+  if (p.q_pairs && p.D == DK) {  // whole rows of 4-byte pairs: fixed offsets from one pointer per row
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint32_t* at = reinterpret_cast<const uint32_t*>(rows[nt] + 2 * t);
+#pragma unroll
+      for (int ks = 0; ks < DK / 16; ++ks)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const uint32_t w = at[ks * 8 + 4 * u];
+          qb[nt][ks][u] = row_ok[nt] ? w : 0u;
+        }
+    }
+    return;
+  }
+  const T zero = from_float<T>(0.0f);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int ks = 0; ks < DK / 16; ++ks)
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int c = ks * 16 + 2 * t + 8 * u;  // D % 8 == 0: both elements of a pair lie inside or outside
+        const bool in = row_ok[nt] && c < p.D;
         if (p.q_pairs)
-          qb[nt][ks][u] = (ok && c < p.D) ? *reinterpret_cast<const uint32_t*>(row + c) : 0u;
+          qb[nt][ks][u] = in ? *reinterpret_cast<const uint32_t*>(rows[nt] + c) : 0u;
         else
-          qb[nt][ks][u] = (ok && c < p.D) ? pack_pair(row[c], row[c + 1]) : pack_pair(zero, zero);
+          qb[nt][ks][u] = in ? pack_pair(rows[nt][c], rows[nt][c + 1]) : pack_pair(zero, zero);
       }
-  }
 }
 
-// Issue the cp.async copies of rows j0..j0+63 (zero outside [lo, hi) and past D) into `dst`.
+// Issue the cp.async copies of rows j0..j0+63 (zero outside [lo, hi) and past D) into `dst`, shared by
+// `count` threads (a multiple of 32, hence of CH = DK / 8) of which this is number `index`.
 // `hint`: L2 policy of the copies (score_detail::l2_policy). Thread i copies the 16-byte pieces
-// i + u·blockDim: blockDim is a multiple of 32, hence of CH = DK / 8, so the thread's column is fixed
-// and its rows step by blockDim / CH — one pointer step per piece instead of a 64-bit index product.
+// i + u·count: its column is fixed and its rows step by count / CH — one pointer step per piece instead
+// of a 64-bit index product.
 template <typename T, int DK>
 __device__ __forceinline__ void issue_tile(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
-                                           T* dst, int hint) {
+                                           T* dst, int hint, int index, int count) {
   constexpr int LDK = DK + 8, CH = DK / 8;  // 16-byte row padding: ldmatrix rows in distinct banks
-  const int c = (threadIdx.x % CH) * 8, rstep = blockDim.x / CH;
-  int r = threadIdx.x / CH;
+  const int c = (index % CH) * 8, rstep = count / CH;
+  int r = index / CH;
   const bool col_ok = c < D;
   const T* src = base + int64_t(j0 + r) * row_stride + c;
   const int64_t sstep = int64_t(rstep) * row_stride;
@@ -800,6 +827,18 @@ __device__ __forceinline__ void issue_tile(const T* base, int64_t row_stride, in
   }
 }
 
+// Ring set-up at the start of a tensor-core pass (every thread): barriers full (the filling warp's 32
+// lanes, each through cp.async.mbarrier.arrive) and empty (`readers` warps), visible to the block.
+template <int S>
+__device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int readers) {
+  if (threadIdx.x == 0)
+    for (int st = 0; st < S; ++st) {
+      ring_detail::mbar_init(full + st, 32);
+      ring_detail::mbar_init(empty + st, static_cast<unsigned>(readers));
+    }
+  __syncthreads();
+}
+
 template <int NT>
 constexpr int mma_threads() {
   return NT == 4 ? 256 : 512;
@@ -807,10 +846,12 @@ constexpr int mma_threads() {
 
 template <typename T, int DK, int NT>
 __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pass1_mma_kernel(Params<T> p) {
-  constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT;
+  constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT, S1 = kStages1<DK>;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* ring = reinterpret_cast<T*>(smem);                                              // [kStages][64][LDK]
-  float* usum = reinterpret_cast<float*>(smem + kStages * kTile * LDK * sizeof(T));  // [warps][4][32][4]
+  T* ring = reinterpret_cast<T*>(smem);                                              // [S1][64][LDK]
+  float* usum = reinterpret_cast<float*>(smem + S1 * kTile * LDK * sizeof(T));  // [warps][4][32][4]
+  uint64_t* full = reinterpret_cast<uint64_t*>(usum + (blockDim.x / 32) * 32 * 16);    // [S1]
+  uint64_t* empty = full + S1;                                                    // [S1]
   const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(p.tiles, (chunk + 1) * p.tpb);
@@ -818,12 +859,6 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
   const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
   if (ntiles > 0) {
     const T* kbase = p.k + b * p.ks0 + h * p.ks1;
-#pragma unroll
-    for (int st = 0; st < kStages - 1; ++st) {
-      if (st < ntiles)
-        issue_tile<T, DK>(kbase, p.ks2, (t_begin + st) * kTile, s0, p.N, p.D, ring + st * kTile * LDK, 0);
-      score_detail::cp_async_commit();
-    }
     // Row work: LPR lanes per key row, lane part c owns columns 8c..8c+7 and 8(c+LPR)..8(c+LPR)+7.
     constexpr int LPR = DK / 16, RPS = 32 / LPR;
     const int slot = lane / LPR, part = lane % LPR;
@@ -832,36 +867,58 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     float4* uacc = reinterpret_cast<float4*>(usum) + warp * 4 * 32 + lane;
 #pragma unroll
     for (int k4 = 0; k4 < 4; ++k4) uacc[k4 * 32] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    // Key tiles stream through a ring of S1 slots filled by the last warp's cp.async copies
+    // (tile_ring.cuh): a warp waits only for the tile it reads; the filling warp waits until every
+    // warp is done with a slot before refilling it, so warps drift instead of meeting once per tile.
+    const int producer = nwarps - 1;
+    init_ring<S1>(full, empty, nwarps);
+    auto fill = [&](int x) {  // tile x of the chunk into slot x % S1 (producer warp)
+      issue_tile<T, DK>(kbase, p.ks2, (t_begin + x) * kTile, s0, p.N, p.D, ring + (x % S1) * kTile * LDK, 0,
+                        lane, 32);
+      ring_detail::cp_async_arrive(full + x % S1);
+    };
+    if (warp == producer)
+      for (int x = 0; x < min(S1 - 1, ntiles); ++x) fill(x);
     const bool mma_warp = warp < p.mma_warps;
     // Groups of RPS key rows for the unit-key sums: with warps that hold no query rows, each query
     // warp takes one group (group = its index) and those warps the rest; otherwise round robin.
     const int nx = nwarps - p.mma_warps;
     const int ustep = nx > 0 ? (mma_warp ? kTile : nx) : nwarps;
+    // bfloat16 with warps that hold no query rows: those warps take all the unit-key sums, on the
+    // tensor cores (slab_unit_sums; fp16 cannot hold the inverse norm of a tiny key).
+    constexpr bool kTcUnits = std::is_same_v<T, __nv_bfloat16>;
+    const bool tc_units = kTcUnits && nx > 0;
     uint32_t qb[NT][KS][2];
     if (mma_warp) load_q_fragments<T, DK, NT>(p, b, h, warp, lane, qb);
     const int g8 = lane >> 2, t4 = lane & 3;
     const float s2 = p.scale2;
     // Per row: a reference ms (base 2, scaled) and rs = the sum of 2^(x·s2 − ms). The reference moves
-    // only when a logit exceeds it by more than kSlack (terms stay below 2^kSlack, far from overflow),
-    // so a slab costs one test per row instead of a rescale. ms starts at −FLT_MAX: the first finite
-    // logit moves it, a masked one (−inf) adds 2^−inf = 0.
-    constexpr float kSlack = 16.0f;
-    const float inv_s2 = 1.0f / s2, slack_raw = kSlack * inv_s2;
+    // only when a slab's two terms of the row add up to more than kBig (2^32; sums stay far from
+    // overflow), so a slab costs one compare per row instead of a rescale. ms starts at −FLT_MAX: the
+    // first finite logit moves it, a masked one (−inf) adds 2^−inf = 0.
+    constexpr float kBig = 4294967296.0f;
     float ms[NT][2], rs[NT][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) ms[nt][e] = -FLT_MAX, rs[nt][e] = 0.0f;
-    for (int it = 0; it < ntiles; ++it) {
-      score_detail::cp_async_wait<kStages - 2>();
-      __syncthreads();
-      if (it + kStages - 1 < ntiles)
-        issue_tile<T, DK>(kbase, p.ks2, (t_begin + it + kStages - 1) * kTile, s0, p.N, p.D,
-                          ring + ((it + kStages - 1) % kStages) * kTile * LDK, 0);
-      score_detail::cp_async_commit();
-      const T* tile = ring + (it % kStages) * kTile * LDK;
-      const int j0 = (t_begin + it) * kTile;
-      // Sums of unit keys (padding rows are zero: 0 · 1e12 = 0).
+    // Tile it: wait until it is in; the producer then refills the slot of tile it - 1 once every warp
+    // is done with it. done_tile(it) after the warp's last read of tile it.
+    // (kFill: this warp may be the producer; the query warps' loop without it keeps clear of spills.)
+    auto next_tile = [&](int it, auto kFill) {
+      ring_detail::mbar_wait(full + it % S1, (it / S1) & 1);
+      if (decltype(kFill)::value && warp == producer && it + S1 - 1 < ntiles) {
+        if (it > 0) ring_detail::mbar_wait(empty + (it - 1) % S1, ((it - 1) / S1) & 1);
+        fill(it + S1 - 1);
+      }
+      return static_cast<const T*>(ring + (it % S1) * kTile * LDK);
+    };
+    auto done_tile = [&](int it) {
+      __syncwarp();
+      if (lane == 0) ring_detail::mbar_arrive(empty + it % S1);
+    };
+    // Sums of unit keys on the CUDA cores (padding rows are zero: 0 · 1e12 = 0).
+    auto unit_rows = [&](const T* tile) {
       for (int u = warp; u < kTile / RPS; u += ustep) {
         const int r = u * RPS + slot;
         float x[16];
@@ -881,7 +938,12 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
           uacc[k4 * 32] = u;
         }
       }
-      if (mma_warp) {
+    };
+    auto query_loop = [&](auto kFill) {
+      for (int it = 0; it < ntiles; ++it) {
+        const T* tile = next_tile(it, kFill);
+        const int j0 = (t_begin + it) * kTile;
+        if (!tc_units) unit_rows(tile);
         const bool edge = j0 < s0 || j0 + kTile - 1 > p.P;
 #pragma unroll
         for (int mt = 0; mt < kTile / 16; ++mt) {
@@ -900,32 +962,68 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
                 }
             }
           }
-          // Raw-logit threshold of each row: its reference plus kSlack (s2 > 0).
-          bool grow = false;
+          // The slab's two terms of each row against its reference; a sum above 2^kBig (or +inf: the
+          // reference is still -FLT_MAX, or a logit jumped) moves that row's reference to the slab's
+          // larger logit first. Rare after the first tiles: one compare per row and slab.
+          float add[NT][2];
+          bool big = false;
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const float thr = fmaf(ms[nt][e], inv_s2, slack_raw);
-              grow |= acc[nt][e] > thr || acc[nt][2 + e] > thr;
+              add[nt][e] = fast_exp2(fmaf(acc[nt][e], s2, -ms[nt][e])) + fast_exp2(fmaf(acc[nt][2 + e], s2, -ms[nt][e]));
+              big |= add[nt][e] > kBig;
             }
-          if (grow) {  // rare after the first tiles: move the references of the rows that need it
+          if (big) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float tm = fmaxf(acc[nt][e], acc[nt][2 + e]) * s2;
-                if (tm > ms[nt][e] + kSlack) {
-                  rs[nt][e] *= fast_exp2(ms[nt][e] - tm);  // 0 while the old reference is −FLT_MAX
+              for (int e = 0; e < 2; ++e)
+                if (add[nt][e] > kBig) {
+                  const float tm = fmaxf(acc[nt][e], acc[nt][2 + e]) * s2;
+                  rs[nt][e] *= fast_exp2(ms[nt][e] - tm);  // 0 while the old reference is -FLT_MAX
                   ms[nt][e] = tm;
+                  add[nt][e] = fast_exp2(fmaf(acc[nt][e], s2, -tm)) + fast_exp2(fmaf(acc[nt][2 + e], s2, -tm));
                 }
-              }
           }
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int e = 0; e < 2; ++e)
-              rs[nt][e] += fast_exp2(fmaf(acc[nt][e], s2, -ms[nt][e])) + fast_exp2(fmaf(acc[nt][2 + e], s2, -ms[nt][e]));
+            for (int e = 0; e < 2; ++e) rs[nt][e] += add[nt][e];
+        }
+        done_tile(it);
+      }
+    };
+    if (mma_warp) {
+      if (warp == producer)  // every warp holds query rows
+        query_loop(std::true_type{});
+      else
+        query_loop(std::false_type{});
+    } else {
+      // Warps without query rows: the unit-key sums, on the tensor cores for bfloat16 (the slabs of a
+      // tile round robin over these warps, sums in registers), else the CUDA-core row groups.
+      float us[KS][4];
+#pragma unroll
+      for (int ds = 0; ds < KS; ++ds) us[ds][0] = us[ds][1] = us[ds][2] = us[ds][3] = 0.0f;
+      for (int it = 0; it < ntiles; ++it) {
+        const T* tile = next_tile(it, std::true_type{});
+        bool tc = false;
+        if constexpr (kTcUnits) {
+          if (tc_units) {
+            for (int mt = warp - p.mma_warps; mt < kTile / 16; mt += nx)
+              score_detail::slab_unit_sums<T, KS, LDK>(tile + mt * 16 * LDK, lane, us);
+            tc = true;
+          }
+        }
+        if (!tc) unit_rows(tile);
+        done_tile(it);
+      }
+      if (tc_units && t4 == 0) {
+        float* mine = usum + (warp - p.mma_warps) * DK;
+#pragma unroll
+        for (int ds = 0; ds < KS; ++ds) {
+          mine[16 * ds + g8] = us[ds][0] + us[ds][1];
+          mine[16 * ds + g8 + 8] = us[ds][2] + us[ds][3];
         }
       }
     }
@@ -947,12 +1045,15 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     }
     __syncthreads();
     for (int d = tid; d < p.Dp; d += nthreads) {
-      // column d is value k = 8·(c / LPR) + d % 8 of lane part c % LPR, with c = d / 8
-      const int c8 = d >> 3, k = (c8 / LPR) * 8 + (d & 7), pt = c8 % LPR;
       float s = 0.0f;
-      if (d < p.D)
+      if (tc_units) {
+        for (int x = 0; x < nx; ++x) s += usum[x * DK + d];  // zero past D: the copies zero-fill
+      } else if (d < p.D) {
+        // column d is value k = 8·(c / LPR) + d % 8 of lane part c % LPR, with c = d / 8
+        const int c8 = d >> 3, k = (c8 / LPR) * 8 + (d & 7), pt = c8 % LPR;
         for (int w = 0; w < nwarps; ++w)
           for (int sl = 0; sl < RPS; ++sl) s += usum[((w * 4 + k / 4) * 32 + sl * LPR + pt) * 4 + (k & 3)];
+      }
       p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
     }
   }
@@ -980,8 +1081,9 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     const int khint = p.l2 >= 2 ? 1 : 0, vhint = p.l2 >= 1 ? 1 : 0;
     auto issue = [&](int it) {
       const int j0 = (t_begin + it) * kTile, st = it % kStages;
-      issue_tile<T, DK>(kbase, p.ks2, j0, s0, p.P, p.D, kring + st * kTile * LDK, khint);
-      if (p.need_v) issue_tile<T, DK>(vbase, p.vs2, j0, s0, p.P, p.D, vring + st * kTile * LDK, vhint);
+      issue_tile<T, DK>(kbase, p.ks2, j0, s0, p.P, p.D, kring + st * kTile * LDK, khint, tid, nthreads);
+      if (p.need_v)
+        issue_tile<T, DK>(vbase, p.vs2, j0, s0, p.P, p.D, vring + st * kTile * LDK, vhint, tid, nthreads);
     };
 #pragma unroll
     for (int st = 0; st < kStages - 1; ++st) {
@@ -1116,9 +1218,9 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
 
 template <int DK, typename T>
 constexpr int64_t mma_smem_bytes(bool second, int threads) {
-  const int64_t ring = int64_t(kStages) * kTile * (DK + 8) * int64_t(sizeof(T));
+  const int64_t ring = int64_t(second ? kStages : kStages1<DK>) * kTile * (DK + 8) * int64_t(sizeof(T));
   return second ? 2 * ring + 2 * DK * int64_t(sizeof(T)) + 2 * kMaxStrips * kTile * 4
-                : ring + int64_t(threads / 32) * 32 * 16 * 4;
+                : ring + int64_t(threads / 32) * 32 * 16 * 4 + 2 * kStages1<DK> * 8;
 }
 // Two blocks per SM at head dimension 128 need both passes' dynamic shared memory, plus up to 2 KiB of
 // static shared memory and the 1 KiB the hardware reserves per block, within sm_90's 228 KiB.
@@ -1274,14 +1376,25 @@ void launch(void (*kernel)(Params<T>), dim3 grid, int threads, int64_t smem, cud
   MIXKV_CUDA_CHECK_LAUNCH();
 }
 
+// Launches the tensor-core passes; false (nothing launched) when the device's shared memory per block
+// cannot hold their tile rings (e.g. sm_86 / sm_89 at 99 KiB): the caller takes the generic kernels.
 template <typename T, int DK, int NT>
-void launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
+bool launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
   const int rows_per_warp = 8 * NT;
   p.mma_warps = static_cast<int>(cdiv(d.Rp, rows_per_warp));
   // One warp more than the query rows need, when the launch bound allows (two blocks of 8 warps fill
   // the register file at 128 registers): it takes the row work the query warps would share unevenly.
   const int threads = 32 * std::min(mma_threads<NT>() / 32, std::max(kMinWarps, p.mma_warps + 1));
   const int64_t smem1 = mma_smem_bytes<DK, T>(false, threads), smem2 = mma_smem_bytes<DK, T>(true, threads);
+  static std::atomic<int> fits[64];  // per device: 0 unknown, 1 no, 2 yes
+  const int slot = device < 0 || device >= 64 ? 63 : device;
+  if (fits[slot].load() == 0)
+    fits[slot].store(cuda_detail::dynamic_smem_fits(pass1_mma_kernel<T, DK, NT>, static_cast<std::size_t>(smem1)) &&
+                             cuda_detail::dynamic_smem_fits(pass2_mma_kernel<T, DK, NT>,
+                                                            static_cast<std::size_t>(smem2))
+                         ? 2
+                         : 1);
+  if (fits[slot].load() != 2) return false;
   static std::atomic<int64_t> granted1[64];
   static std::atomic<int64_t> granted2[64];
   allow_smem(pass1_mma_kernel<T, DK, NT>, smem1, device, granted1);
@@ -1289,6 +1402,7 @@ void launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStr
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
   launch(pass1_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false, p);
   launch(pass2_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl, p);
+  return true;
 }
 
 template <typename T>
@@ -1365,13 +1479,12 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
     if (p.vec_k && (vec_v || !p.need_v) && d.strips <= kMaxStrips) {
       // 32 rows per warp; 16 for head dimension 256 (its query fragments need twice the registers)
       if (d.D <= 64) {
-        launch_passes_mma<T, 64, 4>(p, d, k.device_id, pdl, stream);
+        done = launch_passes_mma<T, 64, 4>(p, d, k.device_id, pdl, stream);
       } else if (d.D <= 128) {
-        launch_passes_mma<T, 128, 4>(p, d, k.device_id, pdl, stream);
+        done = launch_passes_mma<T, 128, 4>(p, d, k.device_id, pdl, stream);
       } else {
-        launch_passes_mma<T, 256, 2>(p, d, k.device_id, pdl, stream);
+        done = launch_passes_mma<T, 256, 2>(p, d, k.device_id, pdl, stream);
       }
-      done = true;
     }
   }
   if (!done) {

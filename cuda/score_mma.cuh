@@ -14,6 +14,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "dtype.cuh"
+
 namespace mixkv::score_detail {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
@@ -55,6 +57,14 @@ __device__ __forceinline__ void cp_async_wait() {
 // Four 8×8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* ptr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(ptr))
+               : "memory");
+}
+
+// ldmatrix_x4 with each 8×8 matrix transposed: lane (g, t) gets elements (2t, g) and (2t + 1, g).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(ptr))
                : "memory");
@@ -181,5 +191,40 @@ __device__ __forceinline__ void slab_norms(const T* slab, const T* mf, int lane,
   n1 = odd ? cb[3] : cb[2];
   d0 = cm[0] + cm[1];
   d1 = cm[2] + cm[3];
+}
+
+// Sums of the unit keys k / max(|k|, 1e-12) of a 16-key slab ([16][LDK] elements, shared memory), added
+// to u on the tensor cores: u[ds] is the m16n8 tile (16 head dims × 8) of Sᵀ·B for head dims
+// 16ds..16ds+15, where B's column 0 holds the keys' inverse norms rounded to T and column 1 the
+// rounding remainders (so their sum carries about 16 significant bits), the other columns zero.
+// Lane (g, 0) ends with the unit-key sum of dim 16ds + g in u[ds][0] + u[ds][1] and of dim 16ds + g + 8
+// in u[ds][2] + u[ds][3]; the other lanes' tiles stay zero. 16-bit types whose range holds 1e12
+// (bfloat16): a zero key gets the inverse norm 1e12 and contributes 0.
+template <typename T, int KS, int LDK>
+__device__ __forceinline__ void slab_unit_sums(const T* slab, int lane, float (&u)[KS][4]) {
+  float n0, n1, d0, d1;
+  slab_norms<T, KS, LDK, false>(slab, slab, lane, n0, n1, d0, d1);
+  // lane (g, g / 2) holds the squared norms of keys g and g + 8
+  const float i0 = rsqrtf(fmaxf(n0, 1e-24f)), i1 = rsqrtf(fmaxf(n1, 1e-24f));
+  const int g = lane >> 2, t = lane & 3;
+  // B fragment of lane (g, t): keys 2t, 2t + 1 (b0) and 2t + 8, 2t + 9 (b1) of column g; the norm of key
+  // j < 8 sits in lane 4j + j / 2, so keys 2t and 2t + 1 come from lanes 9t and 9t + 4.
+  const float x0 = __shfl_sync(0xffffffffu, i0, 9 * t), x1 = __shfl_sync(0xffffffffu, i0, 9 * t + 4);
+  const float y0 = __shfl_sync(0xffffffffu, i1, 9 * t), y1 = __shfl_sync(0xffffffffu, i1, 9 * t + 4);
+  auto part = [g](float x) {
+    const T hi = cuda_detail::from_float<T>(x);
+    return g == 0 ? hi : cuda_detail::from_float<T>(x - cuda_detail::to_float(hi));
+  };
+  const uint32_t b0 = g < 2 ? pack_pair(part(x0), part(x1)) : 0u;
+  const uint32_t b1 = g < 2 ? pack_pair(part(y0), part(y1)) : 0u;
+  // A = Sᵀ (head dims × keys) by transposed loads; matrices (keys 0-7, d 0-7), (keys 0-7, d 8-15),
+  // (keys 8-15, d 0-7), (keys 8-15, d 8-15) give a0..a3.
+  const T* base = slab + (((lane >> 4) & 1) * 8 + (lane & 7)) * LDK + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int ds = 0; ds < KS; ++ds) {
+    uint32_t a[4];
+    ldmatrix_x4_trans(a, base + ds * 16);
+    mma_16816<T>(u[ds], a, b0, b1);
+  }
 }
 }  // namespace mixkv::score_detail

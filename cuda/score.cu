@@ -765,7 +765,8 @@ __device__ __forceinline__ void load_q_fragments(const Params<T>& p, int b, int 
   for (int nt = 0; nt < NT; ++nt) {
     const int r = warp * 8 * NT + nt * 8 + g8, g = r / p.Wp, i = r - g * p.Wp;
     row_ok[nt] = r < p.Rp && i < p.W;
-    rows[nt] = p.q + b * p.qs0 + int64_t(h * p.G + (row_ok[nt] ? g : 0)) * p.qs1 + int64_t(row_ok[nt] ? i : 0) * p.qs2;
+    rows[nt] = p.q + b * p.qs0 + int64_t(h * p.G + (row_ok[nt] ? g : 0)) * p.qs1 +
+               int64_t(row_ok[nt] ? i : 0) * p.qs2;
   }
   if (p.q_pairs && p.D == DK) {  // whole rows of 4-byte pairs: fixed offsets from one pointer per row
 #pragma unroll
@@ -848,10 +849,10 @@ template <typename T, int DK, int NT>
 __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pass1_mma_kernel(Params<T> p) {
   constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT, S1 = kStages1<DK>;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* ring = reinterpret_cast<T*>(smem);                                              // [S1][64][LDK]
-  float* usum = reinterpret_cast<float*>(smem + S1 * kTile * LDK * sizeof(T));  // [warps][4][32][4]
-  uint64_t* full = reinterpret_cast<uint64_t*>(usum + (blockDim.x / 32) * 32 * 16);    // [S1]
-  uint64_t* empty = full + S1;                                                    // [S1]
+  T* ring = reinterpret_cast<T*>(smem);                                          // [S1][64][LDK]
+  float* usum = reinterpret_cast<float*>(smem + S1 * kTile * LDK * sizeof(T));   // [warps][4][32][4]
+  uint64_t* full = reinterpret_cast<uint64_t*>(usum + (blockDim.x / 32) * 32 * 16);  // [S1]
+  uint64_t* empty = full + S1;                                                   // [S1]
   const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(p.tiles, (chunk + 1) * p.tpb);

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from mixkv.bench.timing import device_us_by_kernel
+
 HQ, HKV, D, B = 32, 8, 128, 1
 APPEND_LENGTHS = [64, 256, 1024, 4096, 32000]
 ATTEND_LENGTHS = [64, 1024, 32000]
@@ -75,19 +77,10 @@ def time_us(fn: Callable[[], object], reps: int = 30, inner: int = 20, graph: bo
 
 def kernel_us(fn: Callable[[], object], calls: int = 20) -> dict[str, float]:
     """Device microseconds per call of each kernel `fn` launches (torch profiler), by kernel name."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
     out: dict[str, float] = {}
-    for ev in prof.key_averages():
-        if ev.device_time_total > 0:
-            name = "combine" if "combine" in ev.key else ("split" if "split" in ev.key else ev.key[:40])
-            out[name] = out.get(name, 0.0) + ev.device_time_total / calls
+    for key, us, _ in device_us_by_kernel(fn, reps=calls, warmup=1):
+        name = "combine" if "combine" in key else ("split" if "split" in key else key[:40])
+        out[name] = out.get(name, 0.0) + us
     return out
 
 

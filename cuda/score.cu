@@ -29,6 +29,7 @@
 #include "dynamic_smem.cuh"
 #include "score_mma.cuh"
 #include "tile_ring.cuh"
+#include "wgmma.cuh"
 #include "mixkv/error.hpp"
 #include "mixkv/score.hpp"
 
@@ -149,6 +150,7 @@ struct Params {
   float scale, scale2;  // logit scale, and the same times log2(e): softmax statistics are kept base 2
   bool vec_k, need_v, need_kn, need_d;
   bool q_pairs;  // query rows 4-byte aligned: element pairs load as one word
+  bool q_vec;    // query rows 16-byte aligned: 8-element pieces load as one vector
   // L2 eviction hints of pass 2's tile copies (tensor-core path): 0 none; 1 values evict first (read
   // once); 2 keys too (their last read), so that keys pass 1 left in L2 are not pushed out by values
   int l2;
@@ -829,7 +831,8 @@ __device__ __forceinline__ void issue_tile(const T* base, int64_t row_stride, in
 }
 
 // Ring set-up at the start of a tensor-core pass (every thread): barriers full (the filling warp's 32
-// lanes, each through cp.async.mbarrier.arrive) and empty (`readers` warps), visible to the block.
+// lanes, each through cp.async.mbarrier.arrive) and empty (`readers` threads, each when its reads of
+// the slot are done), visible to the block.
 template <int S>
 __device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int readers) {
   if (threadIdx.x == 0)
@@ -872,7 +875,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     // (tile_ring.cuh): a warp waits only for the tile it reads; the filling warp waits until every
     // warp is done with a slot before refilling it, so warps drift instead of meeting once per tile.
     const int producer = nwarps - 1;
-    init_ring<S1>(full, empty, nwarps);
+    init_ring<S1>(full, empty, nwarps * 32);
     auto fill = [&](int x) {  // tile x of the chunk into slot x % S1 (producer warp)
       issue_tile<T, DK>(kbase, p.ks2, (t_begin + x) * kTile, s0, p.N, p.D, ring + (x % S1) * kTile * LDK, 0,
                         lane, 32);
@@ -914,10 +917,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       }
       return static_cast<const T*>(ring + (it % S1) * kTile * LDK);
     };
-    auto done_tile = [&](int it) {
-      __syncwarp();
-      if (lane == 0) ring_detail::mbar_arrive(empty + it % S1);
-    };
+    auto done_tile = [&](int it) { ring_detail::mbar_arrive(empty + it % S1); };  // every lane: its reads are done
     // Sums of unit keys on the CUDA cores (padding rows are zero: 0 · 1e12 = 0).
     auto unit_rows = [&](const T* tile) {
       for (int u = warp; u < kTile / RPS; u += ustep) {
@@ -1217,6 +1217,289 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
   pass2_finish(p);
 }
 
+// ---- pass 2 on warpgroup MMA (sm_90a, head dimension up to 128, 16-bit inputs) -------------------
+// Pass 2 as a warp-specialised pipeline: warp 8 copies key tiles into a ring of kW2Stages slots,
+// warpgroups 0 and 1 take the tiles in turn and compute each tile's transposed logits (64 keys × NQ
+// packed query rows) with asynchronous wgmma from shared memory, and warps 9-11 take the per-key norms
+// of every third tile: key norm and k̂·m from the slot on the mma.sync path, the value norm straight
+// from global memory (values are read once, for their norms only, so they take no ring space and the
+// ring can be twice as deep). The softmax constants ride in the
+// product: key rows get kFoldCols extra columns (−kFoldScale, −kFoldScale, −kFoldScale, 0, …) and query
+// row r the three 16-bit parts of c_r / (scale2 · kFoldScale), where c_r = max_r + log2(sum_r) in base 2,
+// so that the accumulator already holds x − c_r / scale2 and a probability is one multiply and one
+// exp2. Rows past the window (or that see no key) get +inf and contribute 0.
+// Tile operands use the blocked layout of wgmma.cuh: keys [64][kKCols] (kKCols = 128 + kFoldCols),
+// query rows [NQ][kKCols].
+constexpr int kW2Stages = 8;
+constexpr int kFoldCols = 16;
+constexpr int kKCols = 128 + kFoldCols;
+[[maybe_unused]] constexpr float kFoldScale = 256.0f;  // used by the sm_90a code only
+constexpr int kW2Threads = 256;  // two warpgroups (more warps would cap the registers below the accumulators' need)
+
+template <typename T>
+constexpr int64_t wgmma_smem_bytes(int nq) {
+  return int64_t(kW2Stages) * kTile * kKCols * int64_t(sizeof(T)) + int64_t(nq) * kKCols * sizeof(T) +
+         2 * 128 * int64_t(sizeof(T)) + 2 * kW2Stages * 8;
+}
+
+// cp.async copies of key rows j0..j0+63 into a blocked tile of COLS columns (its first 128 columns;
+// zero outside [lo, hi) and past D) by the 128 threads of a warpgroup, `t` being this thread's number:
+// thread t copies piece t / 8 % 16 of rows 8u + t % 8 (u = 0..7), so that eight threads fill one 128-byte
+// core matrix (no bank conflicts) and a thread's pieces sit at fixed offsets from two pointers.
+template <typename T, int COLS, bool kHint>
+__device__ __forceinline__ void issue_tile_blocked(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
+                                                   T* dst, uint64_t pol, int t) {
+  const int rl = t & 7, cq = (t >> 3) & 15;
+  T* out = dst + cq * 64 + rl * 8;  // row group u at + u · COLS · 8
+  auto copy = [pol](T* d, const T* src, bool ok) {
+    if constexpr (kHint)
+      score_detail::cp_async16_hint(d, src, ok, pol);
+    else
+      score_detail::cp_async16(d, src, ok);
+  };
+  const bool col_ok = cq * 8 < D;
+  if (j0 >= lo && j0 + kTile <= hi && col_ok) {
+    const T* src = base + int64_t(j0 + rl) * row_stride + cq * 8;
+    const int64_t ustep = 8 * row_stride;
+#pragma unroll
+    for (int u = 0; u < 8; ++u, src += ustep) copy(out + u * COLS * 8, src, true);
+  } else {
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int j = j0 + 8 * u + rl;
+      const bool ok = col_ok && j >= lo && j < hi;
+      copy(out + u * COLS * 8, ok ? base + int64_t(j) * row_stride + cq * 8 : base, ok);
+    }
+  }
+}
+
+template <typename T, int NQ>
+__global__ void __launch_bounds__(kW2Threads, 1) pass2_wgmma_kernel(Params<T> p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int S = kW2Stages;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* kring = reinterpret_cast<T*>(smem);             // [S][64 × kKCols] blocked
+  T* qs = kring + S * kTile * kKCols;                 // [NQ × kKCols] blocked
+  T* mfrag = qs + NQ * kKCols;                        // [2][128]: m·2^10 high, low parts
+  uint64_t* full = reinterpret_cast<uint64_t*>(mfrag + 2 * 128);
+  uint64_t* empty = full + S;
+  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  const int ptiles = (p.P + kTile - 1) / kTile;
+  const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(ptiles, (chunk + 1) * p.tpb);
+  const int ntiles = t_end - t_begin;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t col0 = int64_t(bh) * p.P;
+  if (ntiles > 0) {
+    const T zero = from_float<T>(0.0f);
+    // "full" and "empty" of a slot count the 128 threads of the warpgroup that owns it (each arrives
+    // when its copies have landed, and when it is done reading the slot).
+    if (tid == 0)
+      for (int st = 0; st < S; ++st) {
+        ring_detail::mbar_init(full + st, 128);
+        ring_detail::mbar_init(empty + st, 128);
+      }
+    // The fold columns of every key slot (never overwritten by the copies).
+    for (int i = tid; i < S * kTile * kFoldCols; i += blockDim.x) {
+      const int st = i / (kTile * kFoldCols), r = (i / kFoldCols) % kTile, c = 128 + i % kFoldCols;
+      kring[st * kTile * kKCols + wgmma_detail::blocked_offset(r, c, kKCols)] =
+          c - 128 < 3 ? from_float<T>(-kFoldScale) : zero;
+    }
+    __syncthreads();  // barriers initialised before anyone uses them
+    // Warpgroup wg owns tiles wg, wg + 2, … and, S being even, slots of its own parity: it fills its first
+    // S / 2 tiles now (the copies need nothing from pass 1) and refills a slot with its tile S further
+    // on once its four warps are done with the slot.
+    const int wg = warp >> 2, wt = tid & 127;
+    const T* kbase = p.k + b * p.ks0 + h * p.ks1;
+    const T* vbase = p.v + b * p.vs0 + h * p.vs1;
+    const int khint = p.l2 >= 2 ? 1 : 0;
+    const uint64_t kpol = score_detail::l2_policy(khint);
+    auto issue = [&](int it) {
+      const int st = it % S, j0 = (t_begin + it) * kTile;
+      T* kdst = kring + st * kTile * kKCols;
+      if (khint != 0)
+        issue_tile_blocked<T, kKCols, true>(kbase, p.ks2, j0, s0, p.P, p.D, kdst, kpol, wt);
+      else
+        issue_tile_blocked<T, kKCols, false>(kbase, p.ks2, j0, s0, p.P, p.D, kdst, kpol, wt);
+      ring_detail::cp_async_arrive(full + st);
+      // The tile's values (their norms are read from global memory) into L2: one bulk prefetch when
+      // the rows are contiguous.
+      const int va = max(j0, s0), ve = min(j0 + kTile, p.P);
+      if (p.need_v && p.vs2 == p.D && ve > va && wt == 0)
+        wgmma_detail::prefetch_l2(vbase + int64_t(va) * p.vs2, static_cast<uint32_t>((ve - va) * p.D * sizeof(T)));
+    };
+    for (int it = wg; it < min(S, ntiles); it += 2) issue(it);
+    // Packed query rows (row r: head r / Wp of the group, window row r % Wp), zero outside the window:
+    // asynchronous copies when the rows are 16-byte aligned (all in flight at once), element loads
+    // otherwise.
+    {
+      // thread: piece c of rows tid / 16, + 16, … (Wp >= 16: the window row wraps at most once a step)
+      const int c = (tid & 15) * 8;
+      int g = (tid >> 4) / p.Wp, w = (tid >> 4) - g * p.Wp;
+      for (int r = tid >> 4; r < NQ; r += kW2Threads / 16) {
+        T* out = qs + wgmma_detail::blocked_offset(r, c, kKCols);
+        const bool ok = r < p.Rp && w < p.W && c < p.D;
+        const T* src = p.q + b * p.qs0 + int64_t(h * p.G + (ok ? g : 0)) * p.qs1 + int64_t(ok ? w : 0) * p.qs2 + c;
+        if (p.q_vec) {
+          score_detail::cp_async16(out, ok ? src : p.q, ok);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) out[e] = ok ? src[e] : zero;
+        }
+        w += kW2Threads / 16;
+        if (w >= p.Wp) w -= p.Wp, ++g;
+      }
+      score_detail::cp_async_commit();
+      score_detail::cp_async_wait<0>();
+    }
+    score_detail::grid_dep_wait();  // pass 1's row statistics and mean key
+    // Fold columns of the query rows, and the mean unit key as two 16-bit rows scaled by 2^10.
+    for (int r = tid; r < NQ; r += blockDim.x) {
+      float x = INFINITY;
+      const int w = r % p.Wp;
+      if (r < p.Rp && w < p.W) {
+        const float2 st = p.rowstat[int64_t(bh) * p.Rp + r];
+        if (st.x != -INFINITY && st.y > 0.0f) x = (st.x + log2f(st.y)) / (p.scale2 * kFoldScale);
+      }
+      T part[3];
+      part[0] = from_float<T>(x);
+      const float rest = isinf(x) ? 0.0f : x - to_float(part[0]);
+      part[1] = from_float<T>(rest);
+      part[2] = from_float<T>(rest - to_float(part[1]));
+#pragma unroll
+      for (int c = 0; c < kFoldCols; ++c) qs[wgmma_detail::blocked_offset(r, 128 + c, kKCols)] = c < 3 ? part[c] : zero;
+    }
+    for (int d = tid; d < 128; d += blockDim.x) {
+      const float m = d < p.Dp ? p.mvec[int64_t(bh) * p.Dp + d] * kMScale : 0.0f;
+      const T hi = from_float<T>(m);
+      mfrag[d] = hi;
+      mfrag[128 + d] = from_float<T>(m - to_float(hi));
+    }
+    wgmma_detail::fence_proxy_async();  // the query rows as wgmma operands
+    __syncthreads();
+    {
+      // Warp wq of warpgroup wg holds keys 16wq + g and 16wq + g + 8 of each of the group's tiles.
+      const int wq = warp & 3, g8 = lane >> 2, t4 = lane & 3;
+      const bool gmax = p.gqa == static_cast<int>(GqaReduce::max);
+      const float s2 = p.scale2, inv_mean = 1.0f / static_cast<float>(p.W * p.G), inv_w = 1.0f / static_cast<float>(p.W);
+      const int tph = p.Wp / 8;  // n8 tiles per query head
+      // this lane's ldmatrix row of the warp's key slab (row ((lane >> 3) & 1) · 8 + (lane & 7), piece
+      // lane >> 4), and its value-row piece
+      const int lr = ((lane >> 3) & 1) * 8 + (lane & 7);
+      const int half = lane >> 4, piece = lane & 15;
+      const bool piece_ok = piece * 8 < p.D;
+      uint4 x[8];
+      float acc[NQ / 2];
+#pragma unroll
+      for (int i = 0; i < NQ / 2; ++i) acc[i] = 0.0f;
+      for (int it = wg; it < ntiles; it += 2) {
+        const int st = it % S, j0 = (t_begin + it) * kTile;
+        ring_detail::mbar_wait(full + st, (it / S) & 1);
+        wgmma_detail::fence_proxy_async();  // the copies landed through the generic proxy
+        wgmma_detail::fence();
+        const T* ktile = kring + st * kTile * kKCols;
+#pragma unroll
+        for (int ks = 0; ks < kKCols / 16; ++ks)
+          wgmma_detail::Wgmma<NQ, T>::run(acc, wgmma_detail::blocked_desc(ktile + ks * 128, kKCols),
+                                          wgmma_detail::blocked_desc(qs + ks * 128, kKCols), ks > 0 ? 1 : 0);
+        wgmma_detail::commit();
+        // While the logits run: this warp's 16 keys' norm and k̂·m (mma.sync from the slot) and the
+        // loads of its 16 value rows (16 lanes per row, two rows per load).
+        if (p.need_v) {
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            const int j = j0 + 16 * wq + 2 * u + half;
+            const bool ok = piece_ok && j >= s0 && j < p.P;
+            x[u] = ok ? __ldcs(reinterpret_cast<const uint4*>(vbase + int64_t(j) * p.vs2 + piece * 8))
+                      : make_uint4(0u, 0u, 0u, 0u);
+          }
+        }
+        float n0, n1, d0, d1;
+        score_detail::slab_norms_at<T, 8, true>(ktile + wgmma_detail::blocked_offset(16 * wq + lr, 8 * (lane >> 4), kKCols),
+                                                128, mfrag, lane, n0, n1, d0, d1);
+        wgmma_detail::wait<0>();
+        wgmma_detail::fence_regs(acc);
+        // Once the group's four warps are done with the slot ("empty"), refill it with the group's tile
+        // S further on.
+        if (it + S < ntiles) {
+          ring_detail::mbar_arrive(empty + st);  // every thread: its reads of the slot are done
+          ring_detail::mbar_wait(empty + st, (it / S) & 1);
+          issue(it + S);
+        }
+        d0 = __shfl_sync(0xffffffffu, d0, lane & ~3);
+        d1 = __shfl_sync(0xffffffffu, d1, lane & ~3);
+        if (t4 == (g8 >> 1)) {
+#pragma unroll
+          for (int kh = 0; kh < 2; ++kh) {
+            const int j = j0 + 16 * wq + g8 + 8 * kh;
+            if (j >= s0 && j < p.P) {
+              const float sq = kh ? n1 : n0, norm = sq > 0.0f ? sq * rsqrtf(sq) : 0.0f;
+              p.knorm[col0 + j] = norm;
+              p.sdot[col0 + j] = (kh ? d1 : d0) * (1.0f / kMScale) / fmaxf(norm, 1e-12f);
+            }
+          }
+        }
+        float lo = 0.0f, hi = 0.0f;  // keys 16wq + g8 and + 8
+        if (!gmax) {
+#pragma unroll
+          for (int j = 0; j < NQ / 8; ++j) {
+            lo += fast_exp2(acc[4 * j] * s2) + fast_exp2(acc[4 * j + 1] * s2);
+            hi += fast_exp2(acc[4 * j + 2] * s2) + fast_exp2(acc[4 * j + 3] * s2);
+          }
+          lo += __shfl_xor_sync(0xffffffffu, lo, 1);
+          hi += __shfl_xor_sync(0xffffffffu, hi, 1);
+          lo += __shfl_xor_sync(0xffffffffu, lo, 2);
+          hi += __shfl_xor_sync(0xffffffffu, hi, 2);
+          lo *= inv_mean, hi *= inv_mean;
+        } else {
+          float cl = 0.0f, chh = 0.0f;
+          int left = tph;
+#pragma unroll
+          for (int j = 0; j < NQ / 8; ++j) {
+            cl += fast_exp2(acc[4 * j] * s2) + fast_exp2(acc[4 * j + 1] * s2);
+            chh += fast_exp2(acc[4 * j + 2] * s2) + fast_exp2(acc[4 * j + 3] * s2);
+            if (--left == 0 || j == NQ / 8 - 1) {  // a query head's rows are complete
+              cl += __shfl_xor_sync(0xffffffffu, cl, 1);
+              chh += __shfl_xor_sync(0xffffffffu, chh, 1);
+              cl += __shfl_xor_sync(0xffffffffu, cl, 2);
+              chh += __shfl_xor_sync(0xffffffffu, chh, 2);
+              lo = fmaxf(lo, cl), hi = fmaxf(hi, chh);
+              cl = chh = 0.0f, left = tph;
+            }
+          }
+          lo *= inv_w, hi *= inv_w;
+        }
+        if (t4 == 0) {
+          const int j = j0 + 16 * wq + g8;
+          if (j >= s0 && j < p.P) p.raw_a[col0 + j] = lo;
+          if (j + 8 >= s0 && j + 8 < p.P) p.raw_a[col0 + j + 8] = hi;
+        }
+        if (p.need_v) {
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            float e[8];
+            score_detail::load_eight(reinterpret_cast<const T*>(&x[u]), e);
+            float sq = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sq = fmaf(e[i], e[i], sq);
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+            const int j = j0 + 16 * wq + 2 * u + half;
+            if (piece == 0 && j >= s0 && j < p.P) p.vnorm[col0 + j] = sq > 0.0f ? sq * rsqrtf(sq) : 0.0f;
+          }
+        }
+      }
+    }
+  } else {
+    score_detail::grid_dep_wait();
+  }
+  score_detail::grid_dep_launch();
+  pass2_finish(p);
+#else
+  __trap();  // launched only from an sm_90a build (the launcher checks MIXKV_SM90A)
+#endif
+}
+
 template <int DK, typename T>
 constexpr int64_t mma_smem_bytes(bool second, int threads) {
   const int64_t ring = int64_t(second ? kStages : kStages1<DK>) * kTile * (DK + 8) * int64_t(sizeof(T));
@@ -1379,6 +1662,71 @@ void launch(void (*kernel)(Params<T>), dim3 grid, int threads, int64_t smem, cud
 
 // Launches the tensor-core passes; false (nothing launched) when the device's shared memory per block
 // cannot hold their tile rings (e.g. sm_86 / sm_89 at 99 KiB): the caller takes the generic kernels.
+// Whether pass 2 runs on warpgroup MMA (pass2_wgmma_kernel): opt-in with MIXKV_SCORE_WGMMA=1, for an
+// sm_90a build, a compute capability 9.0 device (cached), head dimension 65-128 and at most 256 packed
+// query rows. Off by default: on the H100 it matches the mma.sync pass 2 at 2k-8k keys and is slower
+// at 32k (benchmarks/NOTES_score.md, v9).
+bool use_wgmma_pass2(const Dims& d, int device) {
+#if defined(MIXKV_SM90A)
+  if (d.D <= 64 || d.D > 128 || d.Rp > 256 || env_int("MIXKV_SCORE_WGMMA", 0) != 1) return false;
+  static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
+  const int slot = device < 0 || device >= 64 ? 63 : device;
+  int v = cache[slot].load();
+  if (v == 0) {
+    int major = 0, minor = 0;
+    MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    v = major == 9 && minor == 0 ? 2 : 1;
+    cache[slot].store(v);
+  }
+  return v == 2;
+#else
+  (void)d, (void)device;
+  return false;
+#endif
+}
+
+int sm_count(int device) {
+  static std::atomic<int> cache[64];
+  const int slot = device < 0 || device >= 64 ? 63 : device;
+  int v = cache[slot].load();
+  if (v == 0) {
+    MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    cache[slot].store(v);
+  }
+  return v;
+}
+
+// Pass 2 on warpgroup MMA (see pass2_wgmma_kernel) with NQ >= Rp packed rows; one block per SM, so its
+// chunks hold more tiles than pass 1's (at most as many chunks as the workspace holds).
+template <typename T, int NQ>
+void launch_pass2_wgmma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
+  const int64_t ptiles = cdiv(d.P, kTile), bh = d.B * d.Hkv;
+  int64_t tpb = std::max<int64_t>(1, cdiv(ptiles * bh, sm_count(device)));
+  if (cdiv(ptiles, tpb) > d.chunks2) tpb = d.tpb;
+  p.tpb = static_cast<int>(tpb);
+  p.chunks2 = static_cast<int>(cdiv(ptiles, tpb));
+  const int64_t smem = wgmma_smem_bytes<T>(NQ);
+  static std::atomic<int64_t> granted[64];
+  allow_smem(pass2_wgmma_kernel<T, NQ>, smem, device, granted);
+  launch(pass2_wgmma_kernel<T, NQ>, dim3(static_cast<unsigned>(p.chunks2), static_cast<unsigned>(bh)), kW2Threads,
+         smem, stream, pdl, p);
+}
+
+template <typename T>
+void launch_pass2_wgmma_rows(const Params<T>& p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
+  if (d.Rp <= 64)
+    launch_pass2_wgmma<T, 64>(p, d, device, pdl, stream);
+  else if (d.Rp <= 128)
+    launch_pass2_wgmma<T, 128>(p, d, device, pdl, stream);
+  else if (d.Rp <= 192)
+    launch_pass2_wgmma<T, 192>(p, d, device, pdl, stream);
+  else if (d.Rp <= 224)
+    launch_pass2_wgmma<T, 224>(p, d, device, pdl, stream);
+  else
+    launch_pass2_wgmma<T, 256>(p, d, device, pdl, stream);
+}
+
 template <typename T, int DK, int NT>
 bool launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
   const int rows_per_warp = 8 * NT;
@@ -1402,7 +1750,10 @@ bool launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStr
   allow_smem(pass2_mma_kernel<T, DK, NT>, smem2, device, granted2);
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
   launch(pass1_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false, p);
-  launch(pass2_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl, p);
+  if (DK == 128 && use_wgmma_pass2(d, device))
+    launch_pass2_wgmma_rows(p, d, device, pdl, stream);
+  else
+    launch(pass2_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl, p);
   return true;
 }
 
@@ -1462,6 +1813,7 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.scale = o.scale > 0.0f ? o.scale : 1.0f / std::sqrt(static_cast<float>(d.D));
   p.scale2 = p.scale * 1.4426950408889634f;
   p.vec_k = aligned16(k.data, {k.stride[0], k.stride[1], k.stride[2], d.D}, sizeof(T));
+  p.q_vec = aligned16(q.data, {q.stride[0], q.stride[1], q.stride[2]}, sizeof(T));
   p.q_pairs = reinterpret_cast<std::uintptr_t>(q.data) % 4 == 0 && q.stride[0] % 2 == 0 && q.stride[1] % 2 == 0 &&
               q.stride[2] % 2 == 0;
   p.need_v = o.method == Method::vnorm || o.method == Method::uniform_mix || o.method == Method::mixkv;

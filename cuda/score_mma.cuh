@@ -167,17 +167,20 @@ __device__ __forceinline__ void slab_logits(const uint32_t (&qb)[NT][KS][2], con
 // memory (the B operand's columns 0 and 1; the other columns are zero): lane (g, 0) gets
 // (S·mf₀ + S·mf₁) of rows g and g + 8 in d0, d1.
 // Products of 16-bit inputs are exact in float; the sums are the tensor cores' float accumulation.
-template <typename T, int KS, int LDK, bool kDot>
-__device__ __forceinline__ void slab_norms(const T* slab, const T* mf, int lane, float& n0, float& n1, float& d0,
-                                           float& d1) {
+// slab_norms_at takes any layout in which each 8-element row piece is 16 contiguous bytes: `base` is
+// this lane's ldmatrix row address for k-step 0 (slab row ((lane >> 3) & 1) · 8 + (lane & 7), columns
+// 8 · (lane >> 4) ..), `kstep` the elements from one k-step's address to the next; slab_norms is the
+// row-major case ([16][LDK] from `slab`).
+template <typename T, int KS, bool kDot>
+__device__ __forceinline__ void slab_norms_at(const T* base, int kstep, const T* mf, int lane, float& n0, float& n1,
+                                              float& d0, float& d1) {
   float ca[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cb[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  const T* base = slab + (((lane >> 3) & 1) * 8 + (lane & 7)) * LDK + (lane >> 4) * 8;
   const bool mrow = lane < 8;  // B column g = lane / 4 is 0 or 1
   const T* mbase = mf + (lane >> 2) * KS * 16 + 2 * (lane & 3);
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
     uint32_t a[4];
-    ldmatrix_x4(a, base + ks * 16);
+    ldmatrix_x4(a, base + ks * kstep);
     mma_16816<T>(ca, a, a[0], a[2]);
     mma_16816<T>(cb, a, a[1], a[3]);
     if constexpr (kDot) {
@@ -191,6 +194,13 @@ __device__ __forceinline__ void slab_norms(const T* slab, const T* mf, int lane,
   n1 = odd ? cb[3] : cb[2];
   d0 = cm[0] + cm[1];
   d1 = cm[2] + cm[3];
+}
+
+template <typename T, int KS, int LDK, bool kDot>
+__device__ __forceinline__ void slab_norms(const T* slab, const T* mf, int lane, float& n0, float& n1, float& d0,
+                                           float& d1) {
+  const T* base = slab + (((lane >> 3) & 1) * 8 + (lane & 7)) * LDK + (lane >> 4) * 8;
+  slab_norms_at<T, KS, kDot>(base, 16, mf, lane, n0, n1, d0, d1);
 }
 
 // Sums of the unit keys k / max(|k|, 1e-12) of a 16-key slab ([16][LDK] elements, shared memory), added

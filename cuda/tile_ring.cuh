@@ -5,7 +5,8 @@
 //
 // Slot s holds tiles s, s + S, s + 2S, ...; tile x is the (x / S)-th use of its slot, so its waits use
 // parity (x / S) & 1 on both barriers. `full` expects 32 arrivals (the filling warp's lanes, each when
-// its copies have landed); `empty` one arrival per reading warp.
+// its copies have landed); `empty` one arrival per reading thread (each releases its own reads, so
+// no warp-level step is needed before the arrival).
 #pragma once
 
 #include <cuda_runtime.h>

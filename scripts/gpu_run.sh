@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build for sm_90, run the CUDA tests, compute-sanitizer and benchmarks.
+# One call on a GPU machine: build for sm_90a, run the CUDA tests, compute-sanitizer and benchmarks.
 # Results (logs, JSON, summary) go under $OUT. Usage: bash scripts/gpu_run.sh [stage ...]
-# stages: build test sanitize probe bench e2e e2e_short mixcost (default: build test sanitize bench);
+# stages: build test sanitize probe wgmma_probe bench e2e e2e_short mixcost (default: build test sanitize
+# bench);
 # e2e_short and mixcost take MODEL=llava|qwen|internvl and need most of one 10-minute call each
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ for stage in $stages; do
   t0=$(date +%s)
   case $stage in
     build)
-      MIXKV_CUDA=ON MIXKV_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+      MIXKV_CUDA=ON MIXKV_CUDA_ARCHS=90a-real CMAKE_BUILD_PARALLEL_LEVEL=16 \
         $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1
       rc=$?
       note "build rc=$rc ($(( $(date +%s) - t0 )) s); cuda_available=$($PY -c 'import mixkv; print(mixkv.cuda_available())' 2>&1 | tail -1)"
@@ -57,6 +58,12 @@ for stage in $stages; do
       { echo "--- native"; /tmp/cluster_probe; echo "--- memcheck"; compute-sanitizer --tool memcheck /tmp/cluster_probe;
         echo "--- racecheck"; compute-sanitizer --tool racecheck /tmp/cluster_probe; } >>"$OUT/probe.log" 2>&1
       grep -E "^(---|runtime|compile)|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/probe.log" >>"$summary"
+      ;;
+    wgmma_probe)
+      # the warpgroup-MMA descriptors and fragment layout of cuda/wgmma.cuh against a host reference
+      nvcc -std=c++17 -arch=sm_90a -Icuda -Icpp/include -o /tmp/wgmma_probe scripts/wgmma_probe.cu >"$OUT/wgmma_probe.log" 2>&1 \
+        && /tmp/wgmma_probe >>"$OUT/wgmma_probe.log" 2>&1
+      note "wgmma_probe rc=$?: $(tail -1 "$OUT/wgmma_probe.log")"
       ;;
     bench)
       for b in benchmarks/bench_*.py; do

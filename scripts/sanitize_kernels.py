@@ -87,6 +87,23 @@ def run_selection_shapes(cap: str, part: str) -> None:
     torch.cuda.synchronize()
 
 
+def run_long_chunks(wgmma: str) -> None:
+    """Scoring at Qwen2-VL-7B head counts (224 packed rows) on chunks long enough to wrap the tile rings
+    of both passes; pass 2 on mma.sync ("0") or on warpgroup MMA ("1", opt-in, sm_90)."""
+    os.environ["MIXKV_SCORE_WGMMA"] = wgmma
+    try:
+        dev = torch.device("cuda")
+        for dtype, gqa, n in ((torch.bfloat16, "mean", 40000), (torch.float16, "max", 3000)):
+            valid = torch.tensor([n - 517], dtype=torch.int32, device=dev)
+            q = torch.randn(1, 28, 32, 128, device=dev, dtype=dtype)
+            k = torch.randn(1, 4, n, 128, device=dev, dtype=dtype)
+            v = torch.randn(1, 4, n, 128, device=dev, dtype=dtype)
+            ops.compute_scores(q, k, v, method="mixkv", pooling="max", kernel_size=7, gqa=gqa, valid_lengths=valid)
+        torch.cuda.synchronize()
+    finally:
+        del os.environ["MIXKV_SCORE_WGMMA"]
+
+
 def main() -> int:
     sections: list[tuple[str, Callable[[], None]]] = [
         *[
@@ -96,6 +113,8 @@ def main() -> int:
         ],
         *[(f"pipeline {dtype}", lambda dtype=dtype: run(dtype, n=300, budget=40)) for dtype in DTYPES],
         ("long segments (split attention)", lambda: run(torch.bfloat16, n=5000, budget=4000)),
+        ("scoring, long chunks, mma.sync pass 2", lambda: run_long_chunks("0")),
+        ("scoring, long chunks, warpgroup-MMA pass 2", lambda: run_long_chunks("1")),
     ]
     failed = []
     for name, section in sections:  # one failing section does not hide the others from the tool

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Scoring-kernel development loop on the GPU, one call: in-place sm_90 build, the CUDA scoring tests,
+# Scoring-kernel development loop on the GPU, one call: in-place sm_90a build, the CUDA scoring tests,
 # profile_score (two interleaved repeats), the ncu hot spots and compute-sanitizer. Results under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -8,13 +8,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=python
 t0=$(date +%s)
 lap() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-cmake -S . -B build -G Ninja -DMIXKV_CUDA=ON -DMIXKV_CUDA_ARCHS=90 -DMIXKV_DEV_INPLACE=ON -DMIXKV_BUILD_TESTS=OFF \
+cmake -S . -B build -G Ninja -DMIXKV_CUDA=ON -DMIXKV_CUDA_ARCHS=90a-real -DMIXKV_DEV_INPLACE=ON -DMIXKV_BUILD_TESTS=OFF \
   -DPython_EXECUTABLE="$(which python3)" >"$OUT/build.log" 2>&1 && cmake --build build -j16 >>"$OUT/build.log" 2>&1 \
   || { tail -30 "$OUT/build.log"; exit 1; }
 lap build
 timeout 240 python3 -m pytest tests/test_scores.py -m cuda -q -x -o addopts="" -p no:cacheprovider 2>&1 | tail -6
 lap tests
-timeout 150 python3 benchmarks/profile_score.py --repeats "${REPEATS:-2}" 2>&1 | grep -v Warn | tee "$OUT/profile_score.txt"
+timeout 150 python3 benchmarks/profile_score.py --repeats "${REPEATS:-2}" ${VARIANTS:+--variants $VARIANTS} 2>&1 | grep -v Warn | tee "$OUT/profile_score.txt"
 lap profile
 [ "${HOTSPOTS:-1}" = 1 ] && { bash scripts/score_hotspots.sh 2>&1 | grep -E "source rows|ERR"; lap hotspots; }
 if [ "${SANITIZE:-1}" = 1 ]; then

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 so=$(ls python/mixkv/_core*.so | head -1)
-cuobjdump -sass "$so" | awk '/Function :/ {keep = ($0 ~ /pass[12]_mma_kernel/ && $0 ~ /bfloat/ && $0 ~ /Li128ELi4E/)} keep' \
+cuobjdump -sass "$so" | awk '/Function :/ {keep = ($0 ~ /pass[12]_(mma|wgmma)_kernel/ && $0 ~ /bfloat/ && $0 ~ /Li128ELi4E|Li224E/)} keep' \
   | gzip >"$OUT/score_sass.txt.gz"
 cat >/tmp/score_once.py <<'PY'
 import torch
@@ -20,8 +20,9 @@ for _ in range(3):
     compute_scores(q, k, v, method="mixkv", pooling="avg", kernel_size=5, gqa="mean", validate=False)
 torch.cuda.synchronize()
 PY
-for pass in pass1 pass2; do
-  PYTHONPATH=python ncu --kernel-name "regex:${pass}_mma" --launch-skip 2 --launch-count 1 \
+# PASSES: kernel-name prefixes to profile (default both passes, either tensor-core variant)
+for pass in ${PASSES:-pass1 pass2}; do
+  PYTHONPATH=python ncu --kernel-name "regex:${pass}_(wg)?mma" --launch-skip 2 --launch-count 1 \
     --section SourceCounters --section WarpStateStats --section SchedulerStats --section LaunchStats \
     --section Occupancy -o "/tmp/$pass" -f python3 /tmp/score_once.py >"/tmp/ncu_$pass.log" 2>&1
   tail -3 "/tmp/ncu_$pass.log"

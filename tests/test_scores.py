@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import mixkv
 from mixkv import _core
 from mixkv.ops import GQA_REDUCTIONS, METHODS, POOLINGS, head_redundancy, scores
 from mixkv.ops._score import ScoreResult, compute_scores
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 POISON = float("nan")
+HAS_CUDA = mixkv.cuda_available() and torch.cuda.is_available()
 
 
 # ---- reference ----------------------------------------------------------------------------------
@@ -235,6 +237,10 @@ def tolerances(dtype: torch.dtype, device: str) -> tuple[float, float]:
 @given(case=cases())
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_scores_match_reference(device: str, case: dict) -> None:
+    check_case(device, case)
+
+
+def check_case(device: str, case: dict) -> None:
     c = case
     q, k, v = make_inputs(c["bsz"], c["g"] * c["hkv"], c["hkv"], c["n"], c["w"], c["d"], c["dtype"], device, c["seed"])
     gen = torch.Generator().manual_seed(c["seed"] + 1)
@@ -250,6 +256,38 @@ def test_scores_match_reference(device: str, case: dict) -> None:
     assert_close_rows(got.importance, want.importance, rtol, atol, "importance")
     assert_close_rows(got.scores, want.scores, rtol, atol, "scores")
     torch.testing.assert_close(got.redundancy.cpu().double(), want.redundancy, rtol=1e-5, atol=1e-6)
+
+
+# Pass 2 has a second tensor-core path on sm_90 devices, opt-in (MIXKV_SCORE_WGMMA=1: warpgroup MMA);
+# the property test above takes the default, this one the other (the mma.sync path where it does not
+# apply: other devices, head dimensions outside 65-128, more than 256 packed rows).
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+@given(case=cases())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_scores_match_reference_wgmma_pass2(monkeypatch: pytest.MonkeyPatch, case: dict) -> None:
+    with monkeypatch.context() as m:
+        m.setenv("MIXKV_SCORE_WGMMA", "1")
+        check_case("cuda", case)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+@pytest.mark.parametrize("path", ["1", "0"])
+@pytest.mark.parametrize(
+    ("gqa", "method", "dtype"), [("mean", "mixkv", torch.bfloat16), ("max", "uniform-mix", torch.float16)]
+)
+def test_long_chunks(monkeypatch: pytest.MonkeyPatch, path: str, gqa: str, method: str, dtype: torch.dtype) -> None:
+    """Chunks of many key tiles per block (the tile rings wrap several times), 224 packed rows."""
+    monkeypatch.setenv("MIXKV_SCORE_WGMMA", path)
+    n = 20000
+    q, k, v = make_inputs(2, 28, 4, n, 32, 128, dtype, "cuda", 11)
+    valid = torch.tensor([n, 13001], device="cuda")
+    opts = {"method": method, "pooling": "max", "kernel_size": 7, "gqa": gqa}
+    got = run_core(q, k, v, valid=valid, **opts)
+    want = reference(q, k, v, redundancy=None, valid=[n, 13001], scale=None, **opts)
+    assert_close_rows(got.importance, want.importance, 2e-4, 2e-5, "importance")
+    assert_close_rows(got.scores, want.scores, 2e-4, 2e-5, "scores")
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1218,16 +1218,16 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
 }
 
 // ---- pass 2 on warpgroup MMA (sm_90a, head dimension up to 128, 16-bit inputs) -------------------
-// Pass 2 as a warp-specialised pipeline: warp 8 copies key tiles into a ring of kW2Stages slots,
-// warpgroups 0 and 1 take the tiles in turn and compute each tile's transposed logits (64 keys × NQ
-// packed query rows) with asynchronous wgmma from shared memory, and warps 9-11 take the per-key norms
-// of every third tile: key norm and k̂·m from the slot on the mma.sync path, the value norm straight
-// from global memory (values are read once, for their norms only, so they take no ring space and the
-// ring can be twice as deep). The softmax constants ride in the
-// product: key rows get kFoldCols extra columns (−kFoldScale, −kFoldScale, −kFoldScale, 0, …) and query
-// row r the three 16-bit parts of c_r / (scale2 · kFoldScale), where c_r = max_r + log2(sum_r) in base 2,
-// so that the accumulator already holds x − c_r / scale2 and a probability is one multiply and one
-// exp2. Rows past the window (or that see no key) get +inf and contribute 0.
+// Opt-in (use_wgmma_pass2). Two warpgroups take the 64-key tiles in turn and compute each tile's
+// transposed logits (64 keys × NQ packed query rows) with asynchronous wgmma from shared memory; while
+// the wgmma runs, each warp computes its 16 keys' norm and k̂·m (mma.sync from the slot) and loads its
+// 16 value rows from global memory (values are read once, for their norms only, so they take no ring
+// space). Key tiles stream through a ring of kW2Stages slots; a warpgroup refills the slot it has just
+// left with its own tile kW2Stages further on. The softmax constants ride in the product: key rows get
+// kFoldCols extra columns (−kFoldScale, −kFoldScale, −kFoldScale, 0, …) and query row r the three
+// 16-bit parts of c_r / (scale2 · kFoldScale), where c_r = max_r + log2(sum_r) in base 2, so that the
+// accumulator already holds x − c_r / scale2 and a probability is one multiply and one exp2. Rows past
+// the window (or that see no key) get +inf and contribute 0.
 // Tile operands use the blocked layout of wgmma.cuh: keys [64][kKCols] (kKCols = 128 + kFoldCols),
 // query rows [NQ][kKCols].
 constexpr int kW2Stages = 8;

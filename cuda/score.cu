@@ -1500,6 +1500,238 @@ __global__ void __launch_bounds__(kW2Threads, 1) pass2_wgmma_kernel(Params<T> p)
 #endif
 }
 
+// ---- pass 1 on warpgroup MMA (sm_90a, head dimension up to 128, bfloat16) ------------------------
+// The default pass 1 where it applies (use_wgmma_pass1). One block per (chunk, b·h), about one chunk
+// per SM, NW warpgroups. Warpgroup wg holds packed query rows 64wg .. 64wg + 63 in registers (the A
+// operand, loaded once) and computes per tile the logits (its 64 rows × 64 keys) with one m64n64k16
+// wgmma chain; while it runs, the tile's four 16-key slabs get their unit-key sums from the four warps
+// of warpgroup it % NW (slab_unit_sums_at, mma.sync from the slot, added to the warp's row of shared
+// memory; a warpgroup's warps meet at every wgmma, so they take equal shares). The row statistics are
+// the mma.sync pass's: a reference per row that moves only when a tile's terms of the row add up to more
+// than 2^32, and the sum of 2^(x·s2 − reference).
+// The chunk's 64-key tiles stream into a ring of kW1Stages slots (blocked layout of wgmma.cuh, zero
+// outside the valid keys and past D): at tile it every thread copies its pieces of the tiles up to
+// it + kW1Stages − kW1Lag into the slots that tiles up to it − kW1Lag have left (their "empty" barriers
+// have long completed by then: warpgroups drift by less than kW1Lag tiles), so no warp is set aside for
+// copies and all warps keep the registers of a 16-warp block (17 warps would cap them at 96).
+// Accumulator layout (m64nN): thread (warp wq of the warpgroup, lane 4g + t) holds rows 16wq + g (d[4j],
+// d[4j + 1]) and 16wq + g + 8 (d[4j + 2], d[4j + 3]) at keys 8j + 2t, 8j + 2t + 1.
+constexpr int kW1Stages = 8;
+constexpr int kW1Lag = 2;
+constexpr int kW1Cols = 128;
+
+template <typename T>
+constexpr int64_t wgmma1_smem_bytes(int nw) {
+  return int64_t(kW1Stages) * kTile * kW1Cols * int64_t(sizeof(T)) + int64_t(nw) * 4 * kW1Cols * 4 +
+         2 * kW1Stages * 8;
+}
+
+// This thread's cp.async copies of key rows j0..j0+63 into a blocked tile of kW1Cols columns (zero outside
+// [lo, hi) and past D), the tile's 1024 16-byte pieces shared by COUNT threads (a power of two, 128 to
+// 1024): piece x = index + COUNT · v is row 8 · (x / 128) + x % 8, column piece (x / 8) % 16, so that eight
+// consecutive threads fill one 128-byte core matrix.
+template <typename T, int COUNT>
+__device__ __forceinline__ void issue_tile_share(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
+                                                 T* dst, int index) {
+  constexpr int kRowStep = 8 * (COUNT / 128), kPer = 1024 / COUNT;
+  const int rl = index & 7, cq = (index >> 3) & 15, c = cq * 8, row = 8 * (index >> 7) + rl;
+  const bool inside = j0 >= lo && j0 + kTile <= hi, col_ok = c < D;
+  const T* src = base + int64_t(j0 + row) * row_stride + c;
+  T* out = dst + (index >> 7) * 16 * 64 + cq * 64 + rl * 8;
+#pragma unroll
+  for (int v = 0; v < kPer; ++v) {
+    const int j = j0 + row + kRowStep * v;
+    const bool ok = col_ok && (inside || (j >= lo && j < hi));
+    score_detail::cp_async16(out + v * (COUNT / 128) * 16 * 64, ok ? src + int64_t(kRowStep * v) * row_stride : base,
+                             ok);
+  }
+}
+
+template <typename T, int NW>
+__global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int S = kW1Stages, L = kW1Lag, C = kW1Cols, NC = NW * 128;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* kring = reinterpret_cast<T*>(smem);                      // [S][64 × C] blocked
+  float* usum = reinterpret_cast<float*>(kring + S * kTile * C);  // [NW · 4][C]
+  uint64_t* full = reinterpret_cast<uint64_t*>(usum + NW * 4 * C);
+  uint64_t* empty = full + S;
+  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(p.tiles, (chunk + 1) * p.tpb);
+  const int ntiles = t_end - t_begin;  // <= 0: padding only; the combine skips this chunk
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (ntiles > 0) {
+    if (tid == 0)
+      for (int st = 0; st < S; ++st) {
+        ring_detail::mbar_init(full + st, NC);
+        ring_detail::mbar_init(empty + st, NC);
+      }
+    __syncthreads();
+    const T* kbase = p.k + b * p.ks0 + h * p.ks1;
+    auto fill = [&](int x) {  // this thread's pieces of tile x into slot x % S
+      issue_tile_share<T, NC>(kbase, p.ks2, (t_begin + x) * kTile, s0, p.N, p.D, kring + (x % S) * kTile * C, tid);
+      ring_detail::cp_async_arrive(full + x % S);
+    };
+    // Two tiles now; the loop issues up to two more per tile until kW1Stages − kW1Lag are in flight (a
+    // deep initial fill would hold the warps in their copies while tile 0 could already run).
+    int issued = min(2, ntiles);
+    for (int x = 0; x < issued; ++x) fill(x);
+    {
+      const int wg = warp >> 2, wq = warp & 3, g8 = lane >> 2, t4 = lane & 3;
+      // The warpgroup's query rows as A fragments: rows r0 = 64wg + 16wq + g and r0 + 8, k-step ks:
+      // qa[ks] = {(r0, 16ks + 2t..), (r0 + 8, 16ks + 2t..), (r0, 16ks + 2t + 8..), (r0 + 8, 16ks + 2t + 8..)};
+      // zero outside the window and past D.
+      const int r0 = wg * 64 + wq * 16 + g8;
+      uint32_t qa[C / 16][4];
+      {
+        const T zero = from_float<T>(0.0f);
+        const T* rows[2];
+        bool ok[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int r = r0 + 8 * e, g = r / p.Wp, i = r - g * p.Wp;
+          ok[e] = r < p.Rp && i < p.W;
+          rows[e] = p.q + b * p.qs0 + int64_t(h * p.G + (ok[e] ? g : 0)) * p.qs1 + int64_t(ok[e] ? i : 0) * p.qs2;
+        }
+#pragma unroll
+        for (int ks = 0; ks < C / 16; ++ks)
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int e = u & 1, c = 16 * ks + 2 * t4 + 8 * (u >> 1);  // D % 8 == 0: pairs lie inside or outside
+            const bool in = ok[e] && c < p.D;
+            if (p.q_pairs)
+              qa[ks][u] = in ? *reinterpret_cast<const uint32_t*>(rows[e] + c) : 0u;
+            else
+              qa[ks][u] = in ? score_detail::pack_pair(rows[e][c], rows[e][c + 1])
+                             : score_detail::pack_pair(zero, zero);
+          }
+      }
+      float* mine = usum + warp * C;  // this warp's unit-key sums (lanes t4 == 0 own dims 16ds + g8, + 8)
+      for (int d = lane; d < C; d += 32) mine[d] = 0.0f;
+      const float s2 = p.scale2;
+      constexpr float kBig = 4294967296.0f;
+      const int last[2] = {p.P + r0 % p.Wp, p.P + (r0 + 8) % p.Wp};  // row i sees keys <= P + i
+      float ms[2] = {-FLT_MAX, -FLT_MAX}, rs[2] = {0.0f, 0.0f};
+      // this lane's ldmatrix addresses inside a 16-key slab: norms (row ((lane >> 3) & 1) · 8 + (lane & 7),
+      // piece lane >> 4) and transposed loads (row ((lane >> 4) & 1) · 8 + (lane & 7), piece (lane >> 3) & 1)
+      const int noff = wgmma_detail::blocked_offset(((lane >> 3) & 1) * 8 + (lane & 7), 8 * (lane >> 4), C);
+      const int toff = wgmma_detail::blocked_offset(((lane >> 4) & 1) * 8 + (lane & 7), 8 * ((lane >> 3) & 1), C);
+      // B descriptors: slot st, k-step ks at kdesc + st · (tile bytes / 16) + ks · (256 / 16) in the
+      // address field (shared addresses stay below 2^18: no carry out of it)
+      const uint64_t kdesc = wgmma_detail::blocked_desc(kring, C);
+      const uint32_t klo = static_cast<uint32_t>(kdesc), khi = static_cast<uint32_t>(kdesc >> 32);
+      constexpr uint32_t kSlotStep = kTile * C * sizeof(T) / 16, kKStep = 2 * 64 * sizeof(T) / 16;  // two core matrices
+      float acc[32];
+      for (int it = 0; it < ntiles; ++it) {
+        const int st = it % S, j0 = (t_begin + it) * kTile;
+        ring_detail::mbar_wait(full + st, (it / S) & 1);
+        wgmma_detail::fence_proxy_async();  // the copies landed through the generic proxy
+        wgmma_detail::fence();
+        const uint32_t slo = klo + st * kSlotStep;
+#pragma unroll
+        for (int ks = 0; ks < C / 16; ++ks)
+          wgmma_detail::WgmmaRA<64, T>::run(acc, qa[ks], (uint64_t(khi) << 32) | (slo + ks * kKStep), ks > 0 ? 1 : 0);
+        wgmma_detail::commit();
+        // While it runs: copies of the next tiles, up to tile it + S − L (at most two per tile), each into
+        // the slot that tile x − S (<= it − L) has left. (Issued after the wgmma, not before: its fence
+        // would wait for this thread's copies.)
+        for (int k = 0; k < 2 && issued <= it + S - L && issued < ntiles; ++k, ++issued) {
+          if (issued >= S) ring_detail::mbar_wait(empty + issued % S, ((issued - S) / S) & 1);
+          fill(issued);
+        }
+        const T* ktile = kring + st * kTile * C;
+        // The tile's four 16-key slabs go to the four warps of warpgroup it % NW, slab wq to warp wq (a
+        // warpgroup's warps meet at every wgmma, so they take equal shares of a tile).
+        if (it % NW == wg) {
+          {
+            const T* slab = ktile + wq * 16 * C;  // 16 rows = two row groups of C · 8 elements
+            float us[C / 16][4];
+#pragma unroll
+            for (int ds = 0; ds < C / 16; ++ds) us[ds][0] = us[ds][1] = us[ds][2] = us[ds][3] = 0.0f;
+            score_detail::slab_unit_sums_at<T, C / 16>(slab + noff, slab + toff, 128, lane, us);
+            if (t4 == 0) {
+#pragma unroll
+              for (int ds = 0; ds < C / 16; ++ds) {
+                mine[16 * ds + g8] += us[ds][0] + us[ds][1];
+                mine[16 * ds + g8 + 8] += us[ds][2] + us[ds][3];
+              }
+            }
+          }
+        }
+        wgmma_detail::wait<0>();
+        wgmma_detail::fence_regs(acc);
+        ring_detail::mbar_arrive(empty + st);  // every thread: its reads of the slot are done
+        if (j0 < s0 || j0 + kTile - 1 > p.P) {
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = j0 + 8 * jj + 2 * t4 + e;
+              if (j < s0 || j > last[0]) acc[4 * jj + e] = -INFINITY;
+              if (j < s0 || j > last[1]) acc[4 * jj + 2 + e] = -INFINITY;
+            }
+        }
+        // The tile's 16 terms of each row against its reference; a sum above kBig (or +inf: the
+        // reference is still -FLT_MAX, or a logit jumped) moves that row's reference to the tile's
+        // largest logit first.
+        float add[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+            a0 += fast_exp2(fmaf(acc[4 * jj + 2 * e], s2, -ms[e]));
+            a1 += fast_exp2(fmaf(acc[4 * jj + 2 * e + 1], s2, -ms[e]));
+          }
+          add[e] = a0 + a1;
+        }
+        if (add[0] > kBig || add[1] > kBig) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (add[e] > kBig) {
+              float tm = -INFINITY;
+#pragma unroll
+              for (int jj = 0; jj < 8; ++jj) tm = fmaxf(tm, fmaxf(acc[4 * jj + 2 * e], acc[4 * jj + 2 * e + 1]));
+              tm *= s2;
+              rs[e] *= fast_exp2(ms[e] - tm);  // 0 while the old reference is -FLT_MAX
+              ms[e] = tm;
+              float a = 0.0f;
+#pragma unroll
+              for (int jj = 0; jj < 8; ++jj)
+                a += fast_exp2(fmaf(acc[4 * jj + 2 * e], s2, -tm)) + fast_exp2(fmaf(acc[4 * jj + 2 * e + 1], s2, -tm));
+              add[e] = a;
+            }
+        }
+        rs[0] += add[0];
+        rs[1] += add[1];
+      }
+      score_detail::grid_dep_launch();
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float2 stat = make_float2(rs[e] > 0.0f ? ms[e] : -INFINITY, rs[e]);
+        for (int o = 1; o < 4; o <<= 1) {
+          const float2 other =
+              make_float2(__shfl_xor_sync(0xffffffffu, stat.x, o), __shfl_xor_sync(0xffffffffu, stat.y, o));
+          stat = merge_stat(stat, other);
+        }
+        const int r = r0 + 8 * e;
+        if (t4 == 0 && r < p.Rp && r % p.Wp < p.W) p.stats[(int64_t(bh) * p.chunks1 + chunk) * p.Rp + r] = stat;
+      }
+    }
+    __syncthreads();
+    for (int d = tid; d < p.Dp; d += blockDim.x) {
+      float s = 0.0f;
+      for (int w = 0; w < NW * 4; ++w) s += usum[w * C + d];  // zero past D: the copies zero-fill
+      p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
+    }
+  }
+  pass1_finish(p);
+#else
+  __trap();  // launched only from an sm_90a build (the launcher checks MIXKV_SM90A)
+#endif
+}
+
 template <int DK, typename T>
 constexpr int64_t mma_smem_bytes(bool second, int threads) {
   const int64_t ring = int64_t(second ? kStages : kStages1<DK>) * kTile * (DK + 8) * int64_t(sizeof(T));
@@ -1662,13 +1894,8 @@ void launch(void (*kernel)(Params<T>), dim3 grid, int threads, int64_t smem, cud
 
 // Launches the tensor-core passes; false (nothing launched) when the device's shared memory per block
 // cannot hold their tile rings (e.g. sm_86 / sm_89 at 99 KiB): the caller takes the generic kernels.
-// Whether pass 2 runs on warpgroup MMA (pass2_wgmma_kernel): opt-in with MIXKV_SCORE_WGMMA=1, for an
-// sm_90a build, a compute capability 9.0 device (cached), head dimension 65-128 and at most 256 packed
-// query rows. Off by default: on the H100 it matches the mma.sync pass 2 at 2k-8k keys and is slower
-// at 32k (benchmarks/NOTES_score.md, v9).
-bool use_wgmma_pass2(const Dims& d, int device) {
-#if defined(MIXKV_SM90A)
-  if (d.D <= 64 || d.D > 128 || d.Rp > 256 || env_int("MIXKV_SCORE_WGMMA", 0) != 1) return false;
+// Compute capability 9.0 (sm_90a code runs), cached per device.
+bool is_sm90(int device) {
   static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
   const int slot = device < 0 || device >= 64 ? 63 : device;
   int v = cache[slot].load();
@@ -1680,6 +1907,16 @@ bool use_wgmma_pass2(const Dims& d, int device) {
     cache[slot].store(v);
   }
   return v == 2;
+}
+
+// Whether pass 2 runs on warpgroup MMA (pass2_wgmma_kernel): opt-in with MIXKV_SCORE_WGMMA=1, for an
+// sm_90a build, a compute capability 9.0 device, head dimension 65-128 and at most 256 packed query
+// rows. Off by default: on the H100 it matches the mma.sync pass 2 at 2k-8k keys and is slower at 32k
+// (benchmarks/NOTES_score.md, v9).
+bool use_wgmma_pass2(const Dims& d, int device) {
+#if defined(MIXKV_SM90A)
+  if (d.D <= 64 || d.D > 128 || d.Rp > 256 || env_int("MIXKV_SCORE_WGMMA", 0) != 1) return false;
+  return is_sm90(device);
 #else
   (void)d, (void)device;
   return false;
@@ -1727,6 +1964,47 @@ void launch_pass2_wgmma_rows(const Params<T>& p, const Dims& d, int device, bool
     launch_pass2_wgmma<T, 256>(p, d, device, pdl, stream);
 }
 
+// Whether pass 1 runs on warpgroup MMA (pass1_wgmma_kernel): an sm_90a build, a compute capability 9.0
+// device, bfloat16 (the unit-key sums on the tensor cores need its range), head dimension up to 128 and
+// at most 256 packed query rows; MIXKV_SCORE_WGMMA1=0 turns it off.
+bool use_wgmma_pass1(const Dims& d, int device) {
+#if defined(MIXKV_SM90A)
+  if (d.D > 128 || d.Rp > 256 || env_int("MIXKV_SCORE_WGMMA1", 1) != 1) return false;
+  return is_sm90(device);
+#else
+  (void)d, (void)device;
+  return false;
+#endif
+}
+
+// Pass 1 on warpgroup MMA with NW consumer warpgroups (64·NW >= Rp): about one chunk per SM (at most
+// as many chunks as the workspace holds).
+template <typename T, int NW>
+void launch_pass1_wgmma(Params<T> p, const Dims& d, int device, cudaStream_t stream) {
+  const int64_t bh = d.B * d.Hkv;
+  int64_t tpb = std::max<int64_t>(1, cdiv(d.tiles * bh, sm_count(device)));
+  if (cdiv(d.tiles, tpb) > d.chunks1) tpb = d.tpb;
+  p.tpb = static_cast<int>(tpb);
+  p.chunks1 = static_cast<int>(cdiv(d.tiles, tpb));
+  const int64_t smem = wgmma1_smem_bytes<T>(NW);
+  static std::atomic<int64_t> granted[64];
+  allow_smem(pass1_wgmma_kernel<T, NW>, smem, device, granted);
+  launch(pass1_wgmma_kernel<T, NW>, dim3(static_cast<unsigned>(p.chunks1), static_cast<unsigned>(bh)), NW * 128,
+         smem, stream, false, p);
+}
+
+template <typename T>
+void launch_pass1_wgmma_rows(const Params<T>& p, const Dims& d, int device, cudaStream_t stream) {
+  if (d.Rp <= 64)
+    launch_pass1_wgmma<T, 1>(p, d, device, stream);
+  else if (d.Rp <= 128)
+    launch_pass1_wgmma<T, 2>(p, d, device, stream);
+  else if (d.Rp <= 192)
+    launch_pass1_wgmma<T, 3>(p, d, device, stream);
+  else
+    launch_pass1_wgmma<T, 4>(p, d, device, stream);
+}
+
 template <typename T, int DK, int NT>
 bool launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
   const int rows_per_warp = 8 * NT;
@@ -1749,7 +2027,13 @@ bool launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStr
   allow_smem(pass1_mma_kernel<T, DK, NT>, smem1, device, granted1);
   allow_smem(pass2_mma_kernel<T, DK, NT>, smem2, device, granted2);
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
-  launch(pass1_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false, p);
+  bool wgmma1 = false;
+  if constexpr (DK == 128 && std::is_same_v<T, __nv_bfloat16>) {
+    wgmma1 = use_wgmma_pass1(d, device);
+    if (wgmma1) launch_pass1_wgmma_rows(p, d, device, stream);
+  }
+  if (!wgmma1)
+    launch(pass1_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false, p);
   if (DK == 128 && use_wgmma_pass2(d, device))
     launch_pass2_wgmma_rows(p, d, device, pdl, stream);
   else

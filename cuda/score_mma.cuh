@@ -210,10 +210,16 @@ __device__ __forceinline__ void slab_norms(const T* slab, const T* mf, int lane,
 // Lane (g, 0) ends with the unit-key sum of dim 16ds + g in u[ds][0] + u[ds][1] and of dim 16ds + g + 8
 // in u[ds][2] + u[ds][3]; the other lanes' tiles stay zero. 16-bit types whose range holds 1e12
 // (bfloat16): a zero key gets the inverse norm 1e12 and contributes 0.
-template <typename T, int KS, int LDK>
-__device__ __forceinline__ void slab_unit_sums(const T* slab, int lane, float (&u)[KS][4]) {
+// slab_unit_sums_at takes any layout in which each 8-element row piece is 16 contiguous bytes: `nbase` is
+// this lane's ldmatrix row address for the norms (as slab_norms_at), `tbase` its address for the
+// transposed loads (slab row ((lane >> 4) & 1) · 8 + (lane & 7), columns 8 · ((lane >> 3) & 1) ..), and
+// `kstep` the elements from one 16-column step's address to the next; slab_unit_sums is the row-major
+// case ([16][LDK] from `slab`).
+template <typename T, int KS>
+__device__ __forceinline__ void slab_unit_sums_at(const T* nbase, const T* tbase, int kstep, int lane,
+                                                  float (&u)[KS][4]) {
   float n0, n1, d0, d1;
-  slab_norms<T, KS, LDK, false>(slab, slab, lane, n0, n1, d0, d1);
+  slab_norms_at<T, KS, false>(nbase, kstep, nbase, lane, n0, n1, d0, d1);
   // lane (g, g / 2) holds the squared norms of keys g and g + 8
   const float i0 = rsqrtf(fmaxf(n0, 1e-24f)), i1 = rsqrtf(fmaxf(n1, 1e-24f));
   const int g = lane >> 2, t = lane & 3;
@@ -229,12 +235,17 @@ __device__ __forceinline__ void slab_unit_sums(const T* slab, int lane, float (&
   const uint32_t b1 = g < 2 ? pack_pair(part(y0), part(y1)) : 0u;
   // A = Sᵀ (head dims × keys) by transposed loads; matrices (keys 0-7, d 0-7), (keys 0-7, d 8-15),
   // (keys 8-15, d 0-7), (keys 8-15, d 8-15) give a0..a3.
-  const T* base = slab + (((lane >> 4) & 1) * 8 + (lane & 7)) * LDK + ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int ds = 0; ds < KS; ++ds) {
     uint32_t a[4];
-    ldmatrix_x4_trans(a, base + ds * 16);
+    ldmatrix_x4_trans(a, tbase + ds * kstep);
     mma_16816<T>(u[ds], a, b0, b1);
   }
+}
+
+template <typename T, int KS, int LDK>
+__device__ __forceinline__ void slab_unit_sums(const T* slab, int lane, float (&u)[KS][4]) {
+  slab_unit_sums_at<T, KS>(slab + (((lane >> 3) & 1) * 8 + (lane & 7)) * LDK + (lane >> 4) * 8,
+                           slab + (((lane >> 4) & 1) * 8 + (lane & 7)) * LDK + ((lane >> 3) & 1) * 8, 16, lane, u);
 }
 }  // namespace mixkv::score_detail

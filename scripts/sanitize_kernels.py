@@ -87,9 +87,11 @@ def run_selection_shapes(cap: str, part: str) -> None:
     torch.cuda.synchronize()
 
 
-def run_long_chunks(wgmma: str) -> None:
+def run_long_chunks(wgmma1: str, wgmma: str) -> None:
     """Scoring at Qwen2-VL-7B head counts (224 packed rows) on chunks long enough to wrap the tile rings
-    of both passes; pass 2 on mma.sync ("0") or on warpgroup MMA ("1", opt-in, sm_90)."""
+    of both passes; pass 1 on warpgroup MMA ("1", the default on sm_90) or mma.sync ("0"), pass 2 on
+    mma.sync ("0") or on warpgroup MMA ("1", opt-in, sm_90)."""
+    os.environ["MIXKV_SCORE_WGMMA1"] = wgmma1
     os.environ["MIXKV_SCORE_WGMMA"] = wgmma
     try:
         dev = torch.device("cuda")
@@ -101,6 +103,7 @@ def run_long_chunks(wgmma: str) -> None:
             ops.compute_scores(q, k, v, method="mixkv", pooling="max", kernel_size=7, gqa=gqa, valid_lengths=valid)
         torch.cuda.synchronize()
     finally:
+        del os.environ["MIXKV_SCORE_WGMMA1"]
         del os.environ["MIXKV_SCORE_WGMMA"]
 
 
@@ -113,8 +116,9 @@ def main() -> int:
         ],
         *[(f"pipeline {dtype}", lambda dtype=dtype: run(dtype, n=300, budget=40)) for dtype in DTYPES],
         ("long segments (split attention)", lambda: run(torch.bfloat16, n=5000, budget=4000)),
-        ("scoring, long chunks, mma.sync pass 2", lambda: run_long_chunks("0")),
-        ("scoring, long chunks, warpgroup-MMA pass 2", lambda: run_long_chunks("1")),
+        ("scoring, long chunks, warpgroup-MMA pass 1, mma.sync pass 2", lambda: run_long_chunks("1", "0")),
+        ("scoring, long chunks, mma.sync passes", lambda: run_long_chunks("0", "0")),
+        ("scoring, long chunks, warpgroup-MMA passes", lambda: run_long_chunks("1", "1")),
     ]
     failed = []
     for name, section in sections:  # one failing section does not hide the others from the tool

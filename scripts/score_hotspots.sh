@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 so=$(ls python/mixkv/_core*.so | head -1)
-cuobjdump -sass "$so" | awk '/Function :/ {keep = ($0 ~ /pass[12]_(mma|wgmma)_kernel/ && $0 ~ /bfloat/ && $0 ~ /Li128ELi4E|Li224E/)} keep' \
+cuobjdump -sass "$so" | awk '/Function :/ {keep = ($0 ~ /pass[12]_(mma|wgmma)_kernel/ && $0 ~ /bfloat/ && $0 ~ /Li128ELi4E|Li224E|wgmma_kernelI13__nv_bfloat16Li4E/)} keep' \
   | gzip >"$OUT/score_sass.txt.gz"
 cat >/tmp/score_once.py <<'PY'
 import torch

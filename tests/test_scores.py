@@ -271,15 +271,31 @@ def test_scores_match_reference_wgmma_pass2(monkeypatch: pytest.MonkeyPatch, cas
         check_case("cuda", case)
 
 
+# Pass 1 runs on warpgroup MMA by default on sm_90 devices for bfloat16 (head dimension <= 128, at most
+# 256 packed rows); MIXKV_SCORE_WGMMA1=0 takes the mma.sync pass 1, which other devices use.
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
-@pytest.mark.parametrize("path", ["1", "0"])
+@given(case=cases())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_scores_match_reference_mma_pass1(monkeypatch: pytest.MonkeyPatch, case: dict) -> None:
+    with monkeypatch.context() as m:
+        m.setenv("MIXKV_SCORE_WGMMA1", "0")
+        check_case("cuda", case)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+@pytest.mark.parametrize(("pass1", "pass2"), [("1", "0"), ("0", "0"), ("1", "1")])
 @pytest.mark.parametrize(
     ("gqa", "method", "dtype"), [("mean", "mixkv", torch.bfloat16), ("max", "uniform-mix", torch.float16)]
 )
-def test_long_chunks(monkeypatch: pytest.MonkeyPatch, path: str, gqa: str, method: str, dtype: torch.dtype) -> None:
-    """Chunks of many key tiles per block (the tile rings wrap several times), 224 packed rows."""
-    monkeypatch.setenv("MIXKV_SCORE_WGMMA", path)
+def test_long_chunks(
+    monkeypatch: pytest.MonkeyPatch, pass1: str, pass2: str, gqa: str, method: str, dtype: torch.dtype
+) -> None:
+    """Chunks of many key tiles per block (the tile rings wrap several times), 224 packed rows; passes
+    on warpgroup MMA ("1") or mma.sync ("0")."""
+    monkeypatch.setenv("MIXKV_SCORE_WGMMA1", pass1)
+    monkeypatch.setenv("MIXKV_SCORE_WGMMA", pass2)
     n = 20000
     q, k, v = make_inputs(2, 28, 4, n, 32, 128, dtype, "cuda", 11)
     valid = torch.tensor([n, 13001], device="cuda")

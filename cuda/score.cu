@@ -1609,6 +1609,7 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
       }
       float* mine = usum + warp * C;  // this warp's unit-key sums (lanes t4 == 0 own dims 16ds + g8, + 8)
       for (int d = lane; d < C; d += 32) mine[d] = 0.0f;
+      __syncwarp();  // zeroed before the lanes t4 == 0 add into them
       const float s2 = p.scale2;
       constexpr float kBig = 4294967296.0f;
       const int last[2] = {p.P + r0 % p.Wp, p.P + (r0 + 8) % p.Wp};  // row i sees keys <= P + i

@@ -1242,34 +1242,29 @@ constexpr int64_t wgmma_smem_bytes(int nq) {
          2 * 128 * int64_t(sizeof(T)) + 2 * kW2Stages * 8;
 }
 
-// cp.async copies of key rows j0..j0+63 into a blocked tile of COLS columns (its first 128 columns;
-// zero outside [lo, hi) and past D) by the 128 threads of a warpgroup, `t` being this thread's number:
-// thread t copies piece t / 8 % 16 of rows 8u + t % 8 (u = 0..7), so that eight threads fill one 128-byte
-// core matrix (no bank conflicts) and a thread's pieces sit at fixed offsets from two pointers.
-template <typename T, int COLS, bool kHint>
-__device__ __forceinline__ void issue_tile_blocked(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
-                                                   T* dst, uint64_t pol, int t) {
-  const int rl = t & 7, cq = (t >> 3) & 15;
-  T* out = dst + cq * 64 + rl * 8;  // row group u at + u · COLS · 8
-  auto copy = [pol](T* d, const T* src, bool ok) {
+// This thread's cp.async copies of key rows j0..j0+63 into a blocked tile of COLS columns (its first 128
+// columns; zero outside [lo, hi) and past D), the tile's 1024 16-byte pieces shared by COUNT threads (a
+// power of two, 128 to 1024): piece x = index + COUNT · v is row 8 · (x / 128) + x % 8, column piece
+// (x / 8) % 16, so that eight consecutive threads fill one 128-byte core matrix (no bank conflicts) and a
+// thread's pieces sit at fixed offsets. kHint: the copies carry the L2 policy `pol` (score_detail::l2_policy).
+template <typename T, int COUNT, int COLS, bool kHint>
+__device__ __forceinline__ void issue_tile_share(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
+                                                 T* dst, uint64_t pol, int index) {
+  constexpr int kRowStep = 8 * (COUNT / 128), kPer = 1024 / COUNT;
+  const int rl = index & 7, cq = (index >> 3) & 15, c = cq * 8, row = 8 * (index >> 7) + rl;
+  const bool inside = j0 >= lo && j0 + kTile <= hi, col_ok = c < D;
+  const T* src = base + int64_t(j0 + row) * row_stride + c;
+  T* out = dst + (index >> 7) * COLS * 8 + cq * 64 + rl * 8;
+#pragma unroll
+  for (int v = 0; v < kPer; ++v) {
+    const int j = j0 + row + kRowStep * v;
+    const bool ok = col_ok && (inside || (j >= lo && j < hi));
+    T* o = out + v * (COUNT / 128) * COLS * 8;
+    const T* from = ok ? src + int64_t(kRowStep * v) * row_stride : base;
     if constexpr (kHint)
-      score_detail::cp_async16_hint(d, src, ok, pol);
+      score_detail::cp_async16_hint(o, from, ok, pol);
     else
-      score_detail::cp_async16(d, src, ok);
-  };
-  const bool col_ok = cq * 8 < D;
-  if (j0 >= lo && j0 + kTile <= hi && col_ok) {
-    const T* src = base + int64_t(j0 + rl) * row_stride + cq * 8;
-    const int64_t ustep = 8 * row_stride;
-#pragma unroll
-    for (int u = 0; u < 8; ++u, src += ustep) copy(out + u * COLS * 8, src, true);
-  } else {
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int j = j0 + 8 * u + rl;
-      const bool ok = col_ok && j >= lo && j < hi;
-      copy(out + u * COLS * 8, ok ? base + int64_t(j) * row_stride + cq * 8 : base, ok);
-    }
+      score_detail::cp_async16(o, from, ok);
   }
 }
 
@@ -1318,9 +1313,9 @@ __global__ void __launch_bounds__(kW2Threads, 1) pass2_wgmma_kernel(Params<T> p)
       const int st = it % S, j0 = (t_begin + it) * kTile;
       T* kdst = kring + st * kTile * kKCols;
       if (khint != 0)
-        issue_tile_blocked<T, kKCols, true>(kbase, p.ks2, j0, s0, p.P, p.D, kdst, kpol, wt);
+        issue_tile_share<T, 128, kKCols, true>(kbase, p.ks2, j0, s0, p.P, p.D, kdst, kpol, wt);
       else
-        issue_tile_blocked<T, kKCols, false>(kbase, p.ks2, j0, s0, p.P, p.D, kdst, kpol, wt);
+        issue_tile_share<T, 128, kKCols, false>(kbase, p.ks2, j0, s0, p.P, p.D, kdst, kpol, wt);
       ring_detail::cp_async_arrive(full + st);
       // The tile's values (their norms are read from global memory) into L2: one bulk prefetch when
       // the rows are contiguous.
@@ -1526,27 +1521,6 @@ constexpr int64_t wgmma1_smem_bytes(int nw) {
          2 * kW1Stages * 8;
 }
 
-// This thread's cp.async copies of key rows j0..j0+63 into a blocked tile of kW1Cols columns (zero outside
-// [lo, hi) and past D), the tile's 1024 16-byte pieces shared by COUNT threads (a power of two, 128 to
-// 1024): piece x = index + COUNT · v is row 8 · (x / 128) + x % 8, column piece (x / 8) % 16, so that eight
-// consecutive threads fill one 128-byte core matrix.
-template <typename T, int COUNT>
-__device__ __forceinline__ void issue_tile_share(const T* base, int64_t row_stride, int j0, int lo, int hi, int D,
-                                                 T* dst, int index) {
-  constexpr int kRowStep = 8 * (COUNT / 128), kPer = 1024 / COUNT;
-  const int rl = index & 7, cq = (index >> 3) & 15, c = cq * 8, row = 8 * (index >> 7) + rl;
-  const bool inside = j0 >= lo && j0 + kTile <= hi, col_ok = c < D;
-  const T* src = base + int64_t(j0 + row) * row_stride + c;
-  T* out = dst + (index >> 7) * 16 * 64 + cq * 64 + rl * 8;
-#pragma unroll
-  for (int v = 0; v < kPer; ++v) {
-    const int j = j0 + row + kRowStep * v;
-    const bool ok = col_ok && (inside || (j >= lo && j < hi));
-    score_detail::cp_async16(out + v * (COUNT / 128) * 16 * 64, ok ? src + int64_t(kRowStep * v) * row_stride : base,
-                             ok);
-  }
-}
-
 template <typename T, int NW>
 __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1570,7 +1544,8 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
     __syncthreads();
     const T* kbase = p.k + b * p.ks0 + h * p.ks1;
     auto fill = [&](int x) {  // this thread's pieces of tile x into slot x % S
-      issue_tile_share<T, NC>(kbase, p.ks2, (t_begin + x) * kTile, s0, p.N, p.D, kring + (x % S) * kTile * C, tid);
+      issue_tile_share<T, NC, C, false>(kbase, p.ks2, (t_begin + x) * kTile, s0, p.N, p.D, kring + (x % S) * kTile * C,
+                                         0, tid);
       ring_detail::cp_async_arrive(full + x % S);
     };
     // Two tiles now; the loop issues up to two more per tile until kW1Stages − kW1Lag are in flight (a
@@ -1579,33 +1554,21 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
     for (int x = 0; x < issued; ++x) fill(x);
     {
       const int wg = warp >> 2, wq = warp & 3, g8 = lane >> 2, t4 = lane & 3;
-      // The warpgroup's query rows as A fragments: rows r0 = 64wg + 16wq + g and r0 + 8, k-step ks:
-      // qa[ks] = {(r0, 16ks + 2t..), (r0 + 8, 16ks + 2t..), (r0, 16ks + 2t + 8..), (r0 + 8, 16ks + 2t + 8..)};
-      // zero outside the window and past D.
+      // The warpgroup's query rows as A fragments: rows r0 = 64wg + 16wq + g (= 16 · warp + g) and r0 + 8, k-step
+      // ks: qa[ks] = {(r0, 16ks + 2t..), (r0 + 8, 16ks + 2t..), (r0, 16ks + 2t + 8..), (r0 + 8, 16ks + 2t + 8..)},
+      // from the B fragments of load_q_fragments for the warp's 16 rows (zero outside the window, past D).
       const int r0 = wg * 64 + wq * 16 + g8;
       uint32_t qa[C / 16][4];
       {
-        const T zero = from_float<T>(0.0f);
-        const T* rows[2];
-        bool ok[2];
+        uint32_t qb[2][C / 16][2];
+        load_q_fragments<T, C, 2>(p, b, h, warp, lane, qb);
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int r = r0 + 8 * e, g = r / p.Wp, i = r - g * p.Wp;
-          ok[e] = r < p.Rp && i < p.W;
-          rows[e] = p.q + b * p.qs0 + int64_t(h * p.G + (ok[e] ? g : 0)) * p.qs1 + int64_t(ok[e] ? i : 0) * p.qs2;
+        for (int ks = 0; ks < C / 16; ++ks) {
+          qa[ks][0] = qb[0][ks][0];
+          qa[ks][1] = qb[1][ks][0];
+          qa[ks][2] = qb[0][ks][1];
+          qa[ks][3] = qb[1][ks][1];
         }
-#pragma unroll
-        for (int ks = 0; ks < C / 16; ++ks)
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const int e = u & 1, c = 16 * ks + 2 * t4 + 8 * (u >> 1);  // D % 8 == 0: pairs lie inside or outside
-            const bool in = ok[e] && c < p.D;
-            if (p.q_pairs)
-              qa[ks][u] = in ? *reinterpret_cast<const uint32_t*>(rows[e] + c) : 0u;
-            else
-              qa[ks][u] = in ? score_detail::pack_pair(rows[e][c], rows[e][c + 1])
-                             : score_detail::pack_pair(zero, zero);
-          }
       }
       float* mine = usum + warp * C;  // this warp's unit-key sums (lanes t4 == 0 own dims 16ds + g8, + 8)
       for (int d = lane; d < C; d += 32) mine[d] = 0.0f;

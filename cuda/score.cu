@@ -1019,12 +1019,12 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
         if (!tc) unit_rows(tile);
         done_tile(it);
       }
-      if (tc_units && t4 == 0) {
+      if (tc_units) {
         float* mine = usum + (warp - p.mma_warps) * DK;
 #pragma unroll
         for (int ds = 0; ds < KS; ++ds) {
-          mine[16 * ds + g8] = us[ds][0] + us[ds][1];
-          mine[16 * ds + g8 + 8] = us[ds][2] + us[ds][3];
+          const float2 sum = score_detail::unit_sum_pair(us[ds]);
+          if (t4 == 0) mine[16 * ds + g8] = sum.x, mine[16 * ds + g8 + 8] = sum.y;
         }
       }
     }
@@ -1614,12 +1614,10 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
 #pragma unroll
             for (int ds = 0; ds < C / 16; ++ds) us[ds][0] = us[ds][1] = us[ds][2] = us[ds][3] = 0.0f;
             score_detail::slab_unit_sums_at<T, C / 16>(slab + noff, slab + toff, 128, lane, us);
-            if (t4 == 0) {
 #pragma unroll
-              for (int ds = 0; ds < C / 16; ++ds) {
-                mine[16 * ds + g8] += us[ds][0] + us[ds][1];
-                mine[16 * ds + g8 + 8] += us[ds][2] + us[ds][3];
-              }
+            for (int ds = 0; ds < C / 16; ++ds) {
+              const float2 sum = score_detail::unit_sum_pair(us[ds]);
+              if (t4 == 0) mine[16 * ds + g8] += sum.x, mine[16 * ds + g8 + 8] += sum.y;
             }
           }
         }

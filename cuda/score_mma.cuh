@@ -205,11 +205,11 @@ __device__ __forceinline__ void slab_norms(const T* slab, const T* mf, int lane,
 
 // Sums of the unit keys k / max(|k|, 1e-12) of a 16-key slab ([16][LDK] elements, shared memory), added
 // to u on the tensor cores: u[ds] is the m16n8 tile (16 head dims × 8) of Sᵀ·B for head dims
-// 16ds..16ds+15, where B's column 0 holds the keys' inverse norms rounded to T and column 1 the
-// rounding remainders (so their sum carries about 16 significant bits), the other columns zero.
-// Lane (g, 0) ends with the unit-key sum of dim 16ds + g in u[ds][0] + u[ds][1] and of dim 16ds + g + 8
-// in u[ds][2] + u[ds][3]; the other lanes' tiles stay zero. 16-bit types whose range holds 1e12
-// (bfloat16): a zero key gets the inverse norm 1e12 and contributes 0.
+// 16ds..16ds+15, where B's columns 0, 1 and 2 hold the keys' inverse norms rounded to T and the next two
+// rounding remainders (so their sum carries about 24 significant bits, a float's), the other columns
+// zero. unit_sum_pair(u[ds]) gives lane (g, 0) the unit-key sums of dims 16ds + g and 16ds + g + 8
+// (columns 0-1 in its own tile, column 2 in lane (g, 1)'s); the other lanes' values are partial.
+// 16-bit types whose range holds 1e12 (bfloat16): a zero key gets the inverse norm 1e12 and contributes 0.
 // slab_unit_sums_at takes any layout in which each 8-element row piece is 16 contiguous bytes: `nbase` is
 // this lane's ldmatrix row address for the norms (as slab_norms_at), `tbase` its address for the
 // transposed loads (slab row ((lane >> 4) & 1) · 8 + (lane & 7), columns 8 · ((lane >> 3) & 1) ..), and
@@ -227,12 +227,14 @@ __device__ __forceinline__ void slab_unit_sums_at(const T* nbase, const T* tbase
   // j < 8 sits in lane 4j + j / 2, so keys 2t and 2t + 1 come from lanes 9t and 9t + 4.
   const float x0 = __shfl_sync(0xffffffffu, i0, 9 * t), x1 = __shfl_sync(0xffffffffu, i0, 9 * t + 4);
   const float y0 = __shfl_sync(0xffffffffu, i1, 9 * t), y1 = __shfl_sync(0xffffffffu, i1, 9 * t + 4);
-  auto part = [g](float x) {
-    const T hi = cuda_detail::from_float<T>(x);
-    return g == 0 ? hi : cuda_detail::from_float<T>(x - cuda_detail::to_float(hi));
+  auto part = [g](float x) {  // column g < 3: part g of x
+    const T p0 = cuda_detail::from_float<T>(x);
+    const float r1 = x - cuda_detail::to_float(p0);
+    const T p1 = cuda_detail::from_float<T>(r1);
+    return g == 0 ? p0 : (g == 1 ? p1 : cuda_detail::from_float<T>(r1 - cuda_detail::to_float(p1)));
   };
-  const uint32_t b0 = g < 2 ? pack_pair(part(x0), part(x1)) : 0u;
-  const uint32_t b1 = g < 2 ? pack_pair(part(y0), part(y1)) : 0u;
+  const uint32_t b0 = g < 3 ? pack_pair(part(x0), part(x1)) : 0u;
+  const uint32_t b1 = g < 3 ? pack_pair(part(y0), part(y1)) : 0u;
   // A = Sᵀ (head dims × keys) by transposed loads; matrices (keys 0-7, d 0-7), (keys 0-7, d 8-15),
   // (keys 8-15, d 0-7), (keys 8-15, d 8-15) give a0..a3.
 #pragma unroll
@@ -241,6 +243,13 @@ __device__ __forceinline__ void slab_unit_sums_at(const T* nbase, const T* tbase
     ldmatrix_x4_trans(a, tbase + ds * kstep);
     mma_16816<T>(u[ds], a, b0, b1);
   }
+}
+
+// The unit-key sums of one head-dimension step from slab_unit_sums' tile (every lane calls it; lane (g, 0)
+// gets dims 16ds + g and 16ds + g + 8): columns 0 and 1 of its own tile plus column 2 of lane (g, 1).
+__device__ __forceinline__ float2 unit_sum_pair(const float (&u)[4]) {
+  const float c2a = __shfl_down_sync(0xffffffffu, u[0], 1), c2b = __shfl_down_sync(0xffffffffu, u[2], 1);
+  return make_float2(u[0] + u[1] + c2a, u[2] + u[3] + c2b);
 }
 
 template <typename T, int KS, int LDK>

@@ -1608,17 +1608,15 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
         // The tile's four 16-key slabs go to the four warps of warpgroup it % NW, slab wq to warp wq (a
         // warpgroup's warps meet at every wgmma, so they take equal shares of a tile).
         if (it % NW == wg) {
-          {
-            const T* slab = ktile + wq * 16 * C;  // 16 rows = two row groups of C · 8 elements
-            float us[C / 16][4];
+          const T* slab = ktile + wq * 16 * C;  // 16 rows = two row groups of C · 8 elements
+          float us[C / 16][4];
 #pragma unroll
-            for (int ds = 0; ds < C / 16; ++ds) us[ds][0] = us[ds][1] = us[ds][2] = us[ds][3] = 0.0f;
-            score_detail::slab_unit_sums_at<T, C / 16>(slab + noff, slab + toff, 128, lane, us);
+          for (int ds = 0; ds < C / 16; ++ds) us[ds][0] = us[ds][1] = us[ds][2] = us[ds][3] = 0.0f;
+          score_detail::slab_unit_sums_at<T, C / 16>(slab + noff, slab + toff, 128, lane, us);
 #pragma unroll
-            for (int ds = 0; ds < C / 16; ++ds) {
-              const float2 sum = score_detail::unit_sum_pair(us[ds]);
-              if (t4 == 0) mine[16 * ds + g8] += sum.x, mine[16 * ds + g8 + 8] += sum.y;
-            }
+          for (int ds = 0; ds < C / 16; ++ds) {
+            const float2 sum = score_detail::unit_sum_pair(us[ds]);
+            if (t4 == 0) mine[16 * ds + g8] += sum.x, mine[16 * ds + g8 + 8] += sum.y;
           }
         }
         wgmma_detail::wait<0>();

@@ -16,6 +16,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cfloat>
 #include <cmath>
@@ -29,6 +30,7 @@
 #include "dynamic_smem.cuh"
 #include "score_mma.cuh"
 #include "tile_ring.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 #include "mixkv/error.hpp"
 #include "mixkv/score.hpp"
@@ -154,6 +156,7 @@ struct Params {
   // L2 eviction hints of pass 2's tile copies (tensor-core path): 0 none; 1 values evict first (read
   // once); 2 keys too (their last read), so that keys pass 1 left in L2 are not pushed out by values
   int l2;
+  int tma_b, tma_h, tma_n;  // tensor-map copies (warpgroup passes): coordinate slots (1-3) of b, h and the key row
 };
 
 __device__ __forceinline__ int seq_length(const int32_t* valid, int64_t stride, int b, int N) {
@@ -526,15 +529,14 @@ __host__ __device__ inline Smem smem_layout(int ldk, int elem, int nwarps, int D
 // (stripcol [G * strips_per_head][kTile]) averaged over the W window rows, then reduced over the
 // G heads of the group (mean or max). Called by every thread of the block. One division per column:
 // the mean is Σ / (W·G); the max of the heads' sums divided by W equals the max of the quotients.
-// Threads first, first + step, … take the columns (default: the whole block).
+// The calling thread is number `index` of `count` threads sharing the columns (index < 0: none).
 template <typename T>
 __device__ void store_raw_importance(const Params<T>& p, const float* stripcol, int strips_per_head, int j0, int s0,
-                                     int64_t col0, int first = 0, int step = 0) {
+                                     int64_t col0, int index, int count) {
   const bool gmax = p.gqa == static_cast<int>(GqaReduce::max);
   const int S = p.G * strips_per_head;
-  if (step == 0) step = blockDim.x;
-  if (int(threadIdx.x) < first) return;
-  for (int c = threadIdx.x - first; c < kTile; c += step) {
+  if (index < 0) return;
+  for (int c = index; c < kTile; c += count) {
     const int j = j0 + c;
     if (j < s0 || j >= p.P) continue;
     const float* col = stripcol + c;
@@ -734,7 +736,7 @@ __device__ void pass2_tiles(const Params<T>& p) {
       __syncwarp();
     }
     __syncthreads();
-    store_raw_importance(p, stripcol, strips_per_head, j0, s0, col0);
+    store_raw_importance(p, stripcol, strips_per_head, j0, s0, col0, int(threadIdx.x), int(blockDim.x));
   }
 }
 
@@ -1062,6 +1064,32 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
 }
 
 
+// The norms of a 16-key slab from slab_norms(_by) into the workspace (every lane calls it): key norm and
+// k̂·m (keys; d0, d1 as slab_norms returns them) or value norm of keys j0s .. j0s + 15 inside [s0, P).
+template <typename T>
+__device__ __forceinline__ void store_slab_norms(const Params<T>& p, bool keys, float n0, float n1, float d0, float d1,
+                                                 int j0s, int s0, int64_t col0, int lane) {
+  const int g8 = lane >> 2, t4 = lane & 3;
+  if (keys) {
+    d0 = __shfl_sync(0xffffffffu, d0, lane & ~3);
+    d1 = __shfl_sync(0xffffffffu, d1, lane & ~3);
+  }
+  if (t4 != (g8 >> 1)) return;
+#pragma unroll
+  for (int kh = 0; kh < 2; ++kh) {
+    const int j = j0s + g8 + 8 * kh;
+    if (j >= s0 && j < p.P) {
+      const float norm = sqrtf(kh ? n1 : n0);
+      if (keys) {
+        p.knorm[col0 + j] = norm;
+        p.sdot[col0 + j] = (kh ? d1 : d0) * (1.0f / kMScale) / fmaxf(norm, 1e-12f);
+      } else {
+        p.vnorm[col0 + j] = norm;
+      }
+    }
+  }
+}
+
 template <typename T, int DK, int NT>
 __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pass2_mma_kernel(Params<T> p) {
   constexpr int LDK = DK + 8, KS = DK / 16, RW = 8 * NT, SPW = NT / 2, M = 8 * SPW;
@@ -1128,7 +1156,7 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       __syncthreads();
       if (it > 0)  // the previous tile's column sums (double-buffered: one barrier per tile)
         store_raw_importance(p, stripcol + ((it - 1) & 1) * kMaxStrips * kTile, strips_per_head,
-                             (t_begin + it - 1) * kTile, s0, col0, raw_first, raw_step);
+                             (t_begin + it - 1) * kTile, s0, col0, tid - raw_first, raw_step);
       if (it + kStages - 1 < ntiles) issue(it + kStages - 1);
       score_detail::cp_async_commit();
       const T* tile = kring + (it % kStages) * kTile * LDK;
@@ -1141,28 +1169,11 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
         const int mt = task & 3;
         const bool keys = task < 4;
         float n0, n1, d0 = 0.0f, d1 = 0.0f;
-        if (keys) {
+        if (keys)
           score_detail::slab_norms<T, KS, LDK, true>(tile + mt * 16 * LDK, mfrag, lane, n0, n1, d0, d1);
-          d0 = __shfl_sync(0xffffffffu, d0, lane & ~3);
-          d1 = __shfl_sync(0xffffffffu, d1, lane & ~3);
-        } else {
+        else
           score_detail::slab_norms<T, KS, LDK, false>(vtile + mt * 16 * LDK, mfrag, lane, n0, n1, d0, d1);
-        }
-        if (t4 == (g8 >> 1)) {
-#pragma unroll
-          for (int kh = 0; kh < 2; ++kh) {
-            const int j = j0 + mt * 16 + g8 + 8 * kh;
-            if (j >= s0 && j < p.P) {
-              const float norm = sqrtf(kh ? n1 : n0);
-              if (keys) {
-                p.knorm[col0 + j] = norm;
-                p.sdot[col0 + j] = (kh ? d1 : d0) * (1.0f / kMScale) / fmaxf(norm, 1e-12f);
-              } else {
-                p.vnorm[col0 + j] = norm;
-              }
-            }
-          }
-        }
+        store_slab_norms(p, keys, n0, n1, d0, d1, j0 + mt * 16, s0, col0, lane);
       }
       if (mma_warp) {
         // v[(mt·2 + kh)·SPW + s]: this lane's probabilities of key 16mt + g + 8kh summed over its rows
@@ -1209,37 +1220,12 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
     }
     __syncthreads();
     store_raw_importance(p, stripcol + ((ntiles - 1) & 1) * kMaxStrips * kTile, strips_per_head,
-                         (t_begin + ntiles - 1) * kTile, s0, col0, raw_first, raw_step);
+                         (t_begin + ntiles - 1) * kTile, s0, col0, tid - raw_first, raw_step);
   } else {
     score_detail::grid_dep_wait();
   }
   score_detail::grid_dep_launch();
   pass2_finish(p);
-}
-
-// ---- pass 2 on warpgroup MMA (sm_90a, head dimension up to 128, 16-bit inputs) -------------------
-// Opt-in (use_wgmma_pass2). Two warpgroups take the 64-key tiles in turn and compute each tile's
-// transposed logits (64 keys × NQ packed query rows) with asynchronous wgmma from shared memory; while
-// the wgmma runs, each warp computes its 16 keys' norm and k̂·m (mma.sync from the slot) and loads its
-// 16 value rows from global memory (values are read once, for their norms only, so they take no ring
-// space). Key tiles stream through a ring of kW2Stages slots; a warpgroup refills the slot it has just
-// left with its own tile kW2Stages further on. The softmax constants ride in the product: key rows get
-// kFoldCols extra columns (−kFoldScale, −kFoldScale, −kFoldScale, 0, …) and query row r the three
-// 16-bit parts of c_r / (scale2 · kFoldScale), where c_r = max_r + log2(sum_r) in base 2, so that the
-// accumulator already holds x − c_r / scale2 and a probability is one multiply and one exp2. Rows past
-// the window (or that see no key) get +inf and contribute 0.
-// Tile operands use the blocked layout of wgmma.cuh: keys [64][kKCols] (kKCols = 128 + kFoldCols),
-// query rows [NQ][kKCols].
-constexpr int kW2Stages = 8;
-constexpr int kFoldCols = 16;
-constexpr int kKCols = 128 + kFoldCols;
-[[maybe_unused]] constexpr float kFoldScale = 256.0f;  // used by the sm_90a code only
-constexpr int kW2Threads = 256;  // two warpgroups (more warps would cap the registers below the accumulators' need)
-
-template <typename T>
-constexpr int64_t wgmma_smem_bytes(int nq) {
-  return int64_t(kW2Stages) * kTile * kKCols * int64_t(sizeof(T)) + int64_t(nq) * kKCols * sizeof(T) +
-         2 * 128 * int64_t(sizeof(T)) + 2 * kW2Stages * 8;
 }
 
 // This thread's cp.async copies of key rows j0..j0+63 into a blocked tile of COLS columns (its first 128
@@ -1268,233 +1254,6 @@ __device__ __forceinline__ void issue_tile_share(const T* base, int64_t row_stri
   }
 }
 
-template <typename T, int NQ>
-__global__ void __launch_bounds__(kW2Threads, 1) pass2_wgmma_kernel(Params<T> p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int S = kW2Stages;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* kring = reinterpret_cast<T*>(smem);             // [S][64 × kKCols] blocked
-  T* qs = kring + S * kTile * kKCols;                 // [NQ × kKCols] blocked
-  T* mfrag = qs + NQ * kKCols;                        // [2][128]: m·2^10 high, low parts
-  uint64_t* full = reinterpret_cast<uint64_t*>(mfrag + 2 * 128);
-  uint64_t* empty = full + S;
-  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
-  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
-  const int ptiles = (p.P + kTile - 1) / kTile;
-  const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(ptiles, (chunk + 1) * p.tpb);
-  const int ntiles = t_end - t_begin;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t col0 = int64_t(bh) * p.P;
-  if (ntiles > 0) {
-    const T zero = from_float<T>(0.0f);
-    // "full" and "empty" of a slot count the 128 threads of the warpgroup that owns it (each arrives
-    // when its copies have landed, and when it is done reading the slot).
-    if (tid == 0)
-      for (int st = 0; st < S; ++st) {
-        ring_detail::mbar_init(full + st, 128);
-        ring_detail::mbar_init(empty + st, 128);
-      }
-    // The fold columns of every key slot (never overwritten by the copies).
-    for (int i = tid; i < S * kTile * kFoldCols; i += blockDim.x) {
-      const int st = i / (kTile * kFoldCols), r = (i / kFoldCols) % kTile, c = 128 + i % kFoldCols;
-      kring[st * kTile * kKCols + wgmma_detail::blocked_offset(r, c, kKCols)] =
-          c - 128 < 3 ? from_float<T>(-kFoldScale) : zero;
-    }
-    __syncthreads();  // barriers initialised before anyone uses them
-    // Warpgroup wg owns tiles wg, wg + 2, … and, S being even, slots of its own parity: it fills its first
-    // S / 2 tiles now (the copies need nothing from pass 1) and refills a slot with its tile S further
-    // on once its four warps are done with the slot.
-    const int wg = warp >> 2, wt = tid & 127;
-    const T* kbase = p.k + b * p.ks0 + h * p.ks1;
-    const T* vbase = p.v + b * p.vs0 + h * p.vs1;
-    const int khint = p.l2 >= 2 ? 1 : 0;
-    const uint64_t kpol = score_detail::l2_policy(khint);
-    auto issue = [&](int it) {
-      const int st = it % S, j0 = (t_begin + it) * kTile;
-      T* kdst = kring + st * kTile * kKCols;
-      if (khint != 0)
-        issue_tile_share<T, 128, kKCols, true>(kbase, p.ks2, j0, s0, p.P, p.D, kdst, kpol, wt);
-      else
-        issue_tile_share<T, 128, kKCols, false>(kbase, p.ks2, j0, s0, p.P, p.D, kdst, kpol, wt);
-      ring_detail::cp_async_arrive(full + st);
-      // The tile's values (their norms are read from global memory) into L2: one bulk prefetch when
-      // the rows are contiguous.
-      const int va = max(j0, s0), ve = min(j0 + kTile, p.P);
-      if (p.need_v && p.vs2 == p.D && ve > va && wt == 0)
-        wgmma_detail::prefetch_l2(vbase + int64_t(va) * p.vs2, static_cast<uint32_t>((ve - va) * p.D * sizeof(T)));
-    };
-    for (int it = wg; it < min(S, ntiles); it += 2) issue(it);
-    // Packed query rows (row r: head r / Wp of the group, window row r % Wp), zero outside the window:
-    // asynchronous copies when the rows are 16-byte aligned (all in flight at once), element loads
-    // otherwise.
-    {
-      // thread: piece c of rows tid / 16, + 16, … (Wp >= 16: the window row wraps at most once a step)
-      const int c = (tid & 15) * 8;
-      int g = (tid >> 4) / p.Wp, w = (tid >> 4) - g * p.Wp;
-      for (int r = tid >> 4; r < NQ; r += kW2Threads / 16) {
-        T* out = qs + wgmma_detail::blocked_offset(r, c, kKCols);
-        const bool ok = r < p.Rp && w < p.W && c < p.D;
-        const T* src = p.q + b * p.qs0 + int64_t(h * p.G + (ok ? g : 0)) * p.qs1 + int64_t(ok ? w : 0) * p.qs2 + c;
-        if (p.q_vec) {
-          score_detail::cp_async16(out, ok ? src : p.q, ok);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) out[e] = ok ? src[e] : zero;
-        }
-        w += kW2Threads / 16;
-        if (w >= p.Wp) w -= p.Wp, ++g;
-      }
-      score_detail::cp_async_commit();
-      score_detail::cp_async_wait<0>();
-    }
-    score_detail::grid_dep_wait();  // pass 1's row statistics and mean key
-    // Fold columns of the query rows, and the mean unit key as two 16-bit rows scaled by 2^10.
-    for (int r = tid; r < NQ; r += blockDim.x) {
-      float x = INFINITY;
-      const int w = r % p.Wp;
-      if (r < p.Rp && w < p.W) {
-        const float2 st = p.rowstat[int64_t(bh) * p.Rp + r];
-        if (st.x != -INFINITY && st.y > 0.0f) x = (st.x + log2f(st.y)) / (p.scale2 * kFoldScale);
-      }
-      T part[3];
-      part[0] = from_float<T>(x);
-      const float rest = isinf(x) ? 0.0f : x - to_float(part[0]);
-      part[1] = from_float<T>(rest);
-      part[2] = from_float<T>(rest - to_float(part[1]));
-#pragma unroll
-      for (int c = 0; c < kFoldCols; ++c) qs[wgmma_detail::blocked_offset(r, 128 + c, kKCols)] = c < 3 ? part[c] : zero;
-    }
-    for (int d = tid; d < 128; d += blockDim.x) {
-      const float m = d < p.Dp ? p.mvec[int64_t(bh) * p.Dp + d] * kMScale : 0.0f;
-      const T hi = from_float<T>(m);
-      mfrag[d] = hi;
-      mfrag[128 + d] = from_float<T>(m - to_float(hi));
-    }
-    wgmma_detail::fence_proxy_async();  // the query rows as wgmma operands
-    __syncthreads();
-    {
-      // Warp wq of warpgroup wg holds keys 16wq + g and 16wq + g + 8 of each of the group's tiles.
-      const int wq = warp & 3, g8 = lane >> 2, t4 = lane & 3;
-      const bool gmax = p.gqa == static_cast<int>(GqaReduce::max);
-      const float s2 = p.scale2, inv_mean = 1.0f / static_cast<float>(p.W * p.G), inv_w = 1.0f / static_cast<float>(p.W);
-      const int tph = p.Wp / 8;  // n8 tiles per query head
-      // this lane's ldmatrix row of the warp's key slab (row ((lane >> 3) & 1) · 8 + (lane & 7), piece
-      // lane >> 4), and its value-row piece
-      const int lr = ((lane >> 3) & 1) * 8 + (lane & 7);
-      const int half = lane >> 4, piece = lane & 15;
-      const bool piece_ok = piece * 8 < p.D;
-      uint4 x[8];
-      float acc[NQ / 2];
-#pragma unroll
-      for (int i = 0; i < NQ / 2; ++i) acc[i] = 0.0f;
-      for (int it = wg; it < ntiles; it += 2) {
-        const int st = it % S, j0 = (t_begin + it) * kTile;
-        ring_detail::mbar_wait(full + st, (it / S) & 1);
-        wgmma_detail::fence_proxy_async();  // the copies landed through the generic proxy
-        wgmma_detail::fence();
-        const T* ktile = kring + st * kTile * kKCols;
-#pragma unroll
-        for (int ks = 0; ks < kKCols / 16; ++ks)
-          wgmma_detail::Wgmma<NQ, T>::run(acc, wgmma_detail::blocked_desc(ktile + ks * 128, kKCols),
-                                          wgmma_detail::blocked_desc(qs + ks * 128, kKCols), ks > 0 ? 1 : 0);
-        wgmma_detail::commit();
-        // While the logits run: this warp's 16 keys' norm and k̂·m (mma.sync from the slot) and the
-        // loads of its 16 value rows (16 lanes per row, two rows per load).
-        if (p.need_v) {
-#pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            const int j = j0 + 16 * wq + 2 * u + half;
-            const bool ok = piece_ok && j >= s0 && j < p.P;
-            x[u] = ok ? __ldcs(reinterpret_cast<const uint4*>(vbase + int64_t(j) * p.vs2 + piece * 8))
-                      : make_uint4(0u, 0u, 0u, 0u);
-          }
-        }
-        float n0, n1, d0, d1;
-        score_detail::slab_norms_at<T, 8, true>(ktile + wgmma_detail::blocked_offset(16 * wq + lr, 8 * (lane >> 4), kKCols),
-                                                128, mfrag, lane, n0, n1, d0, d1);
-        wgmma_detail::wait<0>();
-        wgmma_detail::fence_regs(acc);
-        // Once the group's four warps are done with the slot ("empty"), refill it with the group's tile
-        // S further on.
-        if (it + S < ntiles) {
-          ring_detail::mbar_arrive(empty + st);  // every thread: its reads of the slot are done
-          ring_detail::mbar_wait(empty + st, (it / S) & 1);
-          issue(it + S);
-        }
-        d0 = __shfl_sync(0xffffffffu, d0, lane & ~3);
-        d1 = __shfl_sync(0xffffffffu, d1, lane & ~3);
-        if (t4 == (g8 >> 1)) {
-#pragma unroll
-          for (int kh = 0; kh < 2; ++kh) {
-            const int j = j0 + 16 * wq + g8 + 8 * kh;
-            if (j >= s0 && j < p.P) {
-              const float sq = kh ? n1 : n0, norm = sq > 0.0f ? sq * rsqrtf(sq) : 0.0f;
-              p.knorm[col0 + j] = norm;
-              p.sdot[col0 + j] = (kh ? d1 : d0) * (1.0f / kMScale) / fmaxf(norm, 1e-12f);
-            }
-          }
-        }
-        float lo = 0.0f, hi = 0.0f;  // keys 16wq + g8 and + 8
-        if (!gmax) {
-#pragma unroll
-          for (int j = 0; j < NQ / 8; ++j) {
-            lo += fast_exp2(acc[4 * j] * s2) + fast_exp2(acc[4 * j + 1] * s2);
-            hi += fast_exp2(acc[4 * j + 2] * s2) + fast_exp2(acc[4 * j + 3] * s2);
-          }
-          lo += __shfl_xor_sync(0xffffffffu, lo, 1);
-          hi += __shfl_xor_sync(0xffffffffu, hi, 1);
-          lo += __shfl_xor_sync(0xffffffffu, lo, 2);
-          hi += __shfl_xor_sync(0xffffffffu, hi, 2);
-          lo *= inv_mean, hi *= inv_mean;
-        } else {
-          float cl = 0.0f, chh = 0.0f;
-          int left = tph;
-#pragma unroll
-          for (int j = 0; j < NQ / 8; ++j) {
-            cl += fast_exp2(acc[4 * j] * s2) + fast_exp2(acc[4 * j + 1] * s2);
-            chh += fast_exp2(acc[4 * j + 2] * s2) + fast_exp2(acc[4 * j + 3] * s2);
-            if (--left == 0 || j == NQ / 8 - 1) {  // a query head's rows are complete
-              cl += __shfl_xor_sync(0xffffffffu, cl, 1);
-              chh += __shfl_xor_sync(0xffffffffu, chh, 1);
-              cl += __shfl_xor_sync(0xffffffffu, cl, 2);
-              chh += __shfl_xor_sync(0xffffffffu, chh, 2);
-              lo = fmaxf(lo, cl), hi = fmaxf(hi, chh);
-              cl = chh = 0.0f, left = tph;
-            }
-          }
-          lo *= inv_w, hi *= inv_w;
-        }
-        if (t4 == 0) {
-          const int j = j0 + 16 * wq + g8;
-          if (j >= s0 && j < p.P) p.raw_a[col0 + j] = lo;
-          if (j + 8 >= s0 && j + 8 < p.P) p.raw_a[col0 + j + 8] = hi;
-        }
-        if (p.need_v) {
-#pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            float e[8];
-            score_detail::load_eight(reinterpret_cast<const T*>(&x[u]), e);
-            float sq = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) sq = fmaf(e[i], e[i], sq);
-#pragma unroll
-            for (int o = 8; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
-            const int j = j0 + 16 * wq + 2 * u + half;
-            if (piece == 0 && j >= s0 && j < p.P) p.vnorm[col0 + j] = sq > 0.0f ? sq * rsqrtf(sq) : 0.0f;
-          }
-        }
-      }
-    }
-  } else {
-    score_detail::grid_dep_wait();
-  }
-  score_detail::grid_dep_launch();
-  pass2_finish(p);
-#else
-  __trap();  // launched only from an sm_90a build (the launcher checks MIXKV_SM90A)
-#endif
-}
-
 // ---- pass 1 on warpgroup MMA (sm_90a, head dimension up to 128, bfloat16) ------------------------
 // The default pass 1 where it applies (use_wgmma_pass1). One block per (chunk, b·h), about one chunk
 // per SM, NW warpgroups. Warpgroup wg holds packed query rows 64wg .. 64wg + 63 in registers (the A
@@ -1504,11 +1263,16 @@ __global__ void __launch_bounds__(kW2Threads, 1) pass2_wgmma_kernel(Params<T> p)
 // memory; a warpgroup's warps meet at every wgmma, so they take equal shares). The row statistics are
 // the mma.sync pass's: a reference per row that moves only when a tile's terms of the row add up to more
 // than 2^32, and the sum of 2^(x·s2 − reference).
-// The chunk's 64-key tiles stream into a ring of kW1Stages slots (blocked layout of wgmma.cuh, zero
-// outside the valid keys and past D): at tile it every thread copies its pieces of the tiles up to
-// it + kW1Stages − kW1Lag into the slots that tiles up to it − kW1Lag have left (their "empty" barriers
-// have long completed by then: warpgroups drift by less than kW1Lag tiles), so no warp is set aside for
-// copies and all warps keep the registers of a 16-warp block (17 warps would cap them at 96).
+// The chunk's 64-key tiles stream into a ring of kW1Stages slots: at tile it the tiles up to
+// it + kW1Stages − kW1Lag are requested into the slots that tiles up to it − kW1Lag have left (their
+// "empty" barriers have long completed by then: warpgroups drift by less than kW1Lag tiles), so no warp
+// is set aside for copies and all warps keep the registers of a 16-warp block (17 warps would cap them
+// at 96). With kTma (the default where the driver encodes the key tensor map) thread 0 requests each
+// tile as two tensor-map copies of 64 columns in the 128-byte swizzled layout (tma_tile, zero past D and
+// N); the chunk's first tile, when it starts before the sequence, gets its leading rows zeroed in shared
+// memory (the unit-key sums must not see them; their logits are masked) behind one block barrier.
+// Otherwise every thread copies its pieces by cp.async into the blocked layout of wgmma.cuh (zero
+// outside the valid keys and past D).
 // Accumulator layout (m64nN): thread (warp wq of the warpgroup, lane 4g + t) holds rows 16wq + g (d[4j],
 // d[4j + 1]) and 16wq + g + 8 (d[4j + 2], d[4j + 3]) at keys 8j + 2t, 8j + 2t + 1.
 constexpr int kW1Stages = 8;
@@ -1517,16 +1281,91 @@ constexpr int kW1Cols = 128;
 
 template <typename T>
 constexpr int64_t wgmma1_smem_bytes(int nw) {
-  return int64_t(kW1Stages) * kTile * kW1Cols * int64_t(sizeof(T)) + int64_t(nw) * 4 * kW1Cols * 4 +
+  return 1024 + int64_t(kW1Stages) * kTile * kW1Cols * int64_t(sizeof(T)) + int64_t(nw) * 4 * kW1Cols * 4 +
          2 * kW1Stages * 8;
 }
 
-template <typename T, int NW>
-__global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
+// Tensor-map copies of key (or value) rows j0 .. j0 + 63 of (b, h) into a 1024-byte aligned tile of two
+// halves [2][64 rows][64 columns] in the 128-byte swizzled layout (zero past D and N), completing on
+// `bar`; the coordinate slots of b, h and the row come from the launcher (Params::tma_*).
+template <typename T>
+__device__ __forceinline__ void tma_tile(const Params<T>& p, const CUtensorMap* map, T* dst, int j0, int b, int h,
+                                         uint64_t* bar) {
+  const int c1 = p.tma_n == 1 ? j0 : (p.tma_h == 1 ? h : b), c2 = p.tma_n == 2 ? j0 : (p.tma_h == 2 ? h : b),
+            c3 = p.tma_n == 3 ? j0 : (p.tma_h == 3 ? h : b);
+  tma_detail::load_4d(dst, map, 0, c1, c2, c3, bar);
+  tma_detail::load_4d(dst + kTile * 64, map, 64, c1, c2, c3, bar);
+}
+
+// Element (r, c) of such a tile.
+[[maybe_unused]] __device__ __forceinline__ int sw128_tile_offset(int r, int c) {
+  return (c >> 6) * kTile * 64 + wgmma_detail::sw128_offset(r, c & 63);
+}
+
+// Shared memory of a kernel whose ring needs 1024-byte alignment (the 128-byte swizzle): the dynamic
+// allocation holds 1024 bytes of slack.
+[[maybe_unused]] __device__ __forceinline__ unsigned char* align1024(unsigned char* base) {
+  return base + ((1024u - (score_detail::smem_u32(base) & 1023u)) & 1023u);
+}
+
+// The warpgroup's query rows as wgmma A fragments (warp `warp` of the block, NW·4 warps of 16 rows): rows
+// r0 = 16 · warp + g and r0 + 8, k-step ks: qa[ks] = {(r0, 16ks + 2t..), (r0 + 8, 16ks + 2t..), (r0, 16ks +
+// 2t + 8..), (r0 + 8, 16ks + 2t + 8..)}, from the B fragments of load_q_fragments for the warp's 16 rows (zero
+// outside the window, past D).
+template <typename T, int C>
+__device__ __forceinline__ void load_q_afrags(const Params<T>& p, int b, int h, int warp, int lane,
+                                              uint32_t (&qa)[C / 16][4]) {
+  uint32_t qb[2][C / 16][2];
+  load_q_fragments<T, C, 2>(p, b, h, warp, lane, qb);
+#pragma unroll
+  for (int ks = 0; ks < C / 16; ++ks) {
+    qa[ks][0] = qb[0][ks][0];
+    qa[ks][1] = qb[1][ks][0];
+    qa[ks][2] = qb[0][ks][1];
+    qa[ks][3] = qb[1][ks][1];
+  }
+}
+
+// Start-address offset (16-byte units) of k-step ks inside a key tile: two core matrices per step in
+// the blocked layout; with kTma (two swizzled halves of 64 columns) half ks / 4, 32 bytes per step in it.
+template <typename T, bool kTma>
+__device__ __forceinline__ uint32_t kstep_offset(int ks) {
+  return kTma ? uint32_t((ks >> 2) * (kTile * 128 / 16) + (ks & 3) * 2) : uint32_t(ks) * (2 * 64 * sizeof(T) / 16);
+}
+
+// The logits of the warpgroup's 64 query rows (A fragments qa) against the 64-key tile of ring slot st
+// (B descriptor klo / khi of slot 0): one asynchronous m64n64k16 chain into acc, committed.
+template <typename T, int C, bool kTma>
+__device__ __forceinline__ void tile_logits(float (&acc)[32], const uint32_t (&qa)[C / 16][4], uint32_t klo,
+                                            uint32_t khi, int st) {
+  wgmma_detail::fence();
+  const uint32_t slo = klo + st * (kTile * C * sizeof(T) / 16);
+#pragma unroll
+  for (int ks = 0; ks < C / 16; ++ks)
+    wgmma_detail::WgmmaRA<64, T>::run(acc, qa[ks], (uint64_t(khi) << 32) | (slo + kstep_offset<T, kTma>(ks)),
+                                      ks > 0 ? 1 : 0);
+  wgmma_detail::commit();
+}
+
+// After tile it's wgmma: requests of the next tiles, up to tile it + S − L (at most two per tile), each
+// into the slot that tile x − S (<= it − L) has left; `issued` counts the tiles requested so far.
+// (Issued after the wgmma, not before: its fence would wait for this thread's copies.) With kTma only
+// thread 0 requests, so only it waits for the slot.
+template <int S, int L, bool kTma, typename Fill>
+__device__ __forceinline__ void refill_ring(int it, int ntiles, int& issued, uint64_t* empty, int tid, Fill fill) {
+  for (int k = 0; k < 2 && issued <= it + S - L && issued < ntiles; ++k, ++issued) {
+    if (issued >= S && (!kTma || tid == 0)) ring_detail::mbar_wait(empty + issued % S, ((issued - S) / S) & 1);
+    fill(issued);
+  }
+}
+
+template <typename T, int NW, bool kTma>
+__global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, const __grid_constant__ CUtensorMap kmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int S = kW1Stages, L = kW1Lag, C = kW1Cols, NC = NW * 128;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* kring = reinterpret_cast<T*>(smem);                      // [S][64 × C] blocked
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = align1024(smem_raw);
+  T* kring = reinterpret_cast<T*>(smem);                      // [S][64 × C] blocked, or (kTma) swizzled halves
   float* usum = reinterpret_cast<float*>(kring + S * kTile * C);  // [NW · 4][C]
   uint64_t* full = reinterpret_cast<uint64_t*>(usum + NW * 4 * C);
   uint64_t* empty = full + S;
@@ -1538,12 +1377,19 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
   if (ntiles > 0) {
     if (tid == 0)
       for (int st = 0; st < S; ++st) {
-        ring_detail::mbar_init(full + st, NC);
+        ring_detail::mbar_init(full + st, kTma ? 1 : NC);
         ring_detail::mbar_init(empty + st, NC);
       }
     __syncthreads();
     const T* kbase = p.k + b * p.ks0 + h * p.ks1;
     auto fill = [&](int x) {  // this thread's pieces of tile x into slot x % S
+      if constexpr (kTma) {  // thread 0 alone
+        if (tid == 0) {
+          tma_detail::mbar_expect_tx(full + x % S, kTile * C * sizeof(T));
+          tma_tile(p, &kmap, kring + (x % S) * kTile * C, (t_begin + x) * kTile, b, h, full + x % S);
+        }
+        return;
+      }
       issue_tile_share<T, NC, C, false>(kbase, p.ks2, (t_begin + x) * kTile, s0, p.N, p.D, kring + (x % S) * kTile * C,
                                          0, tid);
       ring_detail::cp_async_arrive(full + x % S);
@@ -1554,22 +1400,9 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
     for (int x = 0; x < issued; ++x) fill(x);
     {
       const int wg = warp >> 2, wq = warp & 3, g8 = lane >> 2, t4 = lane & 3;
-      // The warpgroup's query rows as A fragments: rows r0 = 64wg + 16wq + g (= 16 · warp + g) and r0 + 8, k-step
-      // ks: qa[ks] = {(r0, 16ks + 2t..), (r0 + 8, 16ks + 2t..), (r0, 16ks + 2t + 8..), (r0 + 8, 16ks + 2t + 8..)},
-      // from the B fragments of load_q_fragments for the warp's 16 rows (zero outside the window, past D).
-      const int r0 = wg * 64 + wq * 16 + g8;
+      const int r0 = wg * 64 + wq * 16 + g8;  // this thread's rows r0 and r0 + 8 (= 16 · warp + g8 (+ 8))
       uint32_t qa[C / 16][4];
-      {
-        uint32_t qb[2][C / 16][2];
-        load_q_fragments<T, C, 2>(p, b, h, warp, lane, qb);
-#pragma unroll
-        for (int ks = 0; ks < C / 16; ++ks) {
-          qa[ks][0] = qb[0][ks][0];
-          qa[ks][1] = qb[1][ks][0];
-          qa[ks][2] = qb[0][ks][1];
-          qa[ks][3] = qb[1][ks][1];
-        }
-      }
+      load_q_afrags<T, C>(p, b, h, warp, lane, qa);
       float* mine = usum + warp * C;  // this warp's unit-key sums (lanes t4 == 0 own dims 16ds + g8, + 8)
       for (int d = lane; d < C; d += 32) mine[d] = 0.0f;
       __syncwarp();  // zeroed before the lanes t4 == 0 add into them
@@ -1581,29 +1414,28 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
       // piece lane >> 4) and transposed loads (row ((lane >> 4) & 1) · 8 + (lane & 7), piece (lane >> 3) & 1)
       const int noff = wgmma_detail::blocked_offset(((lane >> 3) & 1) * 8 + (lane & 7), 8 * (lane >> 4), C);
       const int toff = wgmma_detail::blocked_offset(((lane >> 4) & 1) * 8 + (lane & 7), 8 * ((lane >> 3) & 1), C);
-      // B descriptors: slot st, k-step ks at kdesc + st · (tile bytes / 16) + ks · (256 / 16) in the
-      // address field (shared addresses stay below 2^18: no carry out of it)
-      const uint64_t kdesc = wgmma_detail::blocked_desc(kring, C);
+      // B descriptor of slot 0 (tile_logits adds the slot and k-step offsets to its address field; shared
+      // addresses stay below 2^18: no carry out of it)
+      const uint64_t kdesc = kTma ? wgmma_detail::sw128_desc(kring) : wgmma_detail::blocked_desc(kring, C);
       const uint32_t klo = static_cast<uint32_t>(kdesc), khi = static_cast<uint32_t>(kdesc >> 32);
-      constexpr uint32_t kSlotStep = kTile * C * sizeof(T) / 16, kKStep = 2 * 64 * sizeof(T) / 16;  // two core matrices
       float acc[32];
       for (int it = 0; it < ntiles; ++it) {
         const int st = it % S, j0 = (t_begin + it) * kTile;
         ring_detail::mbar_wait(full + st, (it / S) & 1);
-        wgmma_detail::fence_proxy_async();  // the copies landed through the generic proxy
-        wgmma_detail::fence();
-        const uint32_t slo = klo + st * kSlotStep;
-#pragma unroll
-        for (int ks = 0; ks < C / 16; ++ks)
-          wgmma_detail::WgmmaRA<64, T>::run(acc, qa[ks], (uint64_t(khi) << 32) | (slo + ks * kKStep), ks > 0 ? 1 : 0);
-        wgmma_detail::commit();
-        // While it runs: copies of the next tiles, up to tile it + S − L (at most two per tile), each into
-        // the slot that tile x − S (<= it − L) has left. (Issued after the wgmma, not before: its fence
-        // would wait for this thread's copies.)
-        for (int k = 0; k < 2 && issued <= it + S - L && issued < ntiles; ++k, ++issued) {
-          if (issued >= S) ring_detail::mbar_wait(empty + issued % S, ((issued - S) / S) & 1);
-          fill(issued);
+        if constexpr (kTma) {
+          if (j0 < s0) {  // (the chunk's first tile, block-uniform) keys before the sequence start read as zero
+            T* tile = kring + st * kTile * C;
+            const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+            for (int q = tid; q < (s0 - j0) * (C / 8); q += NC)
+              *reinterpret_cast<uint4*>(tile + sw128_tile_offset(q / (C / 8), 8 * (q % (C / 8)))) = zero;
+            wgmma_detail::fence_proxy_async();
+            __syncthreads();
+          }
+        } else {
+          wgmma_detail::fence_proxy_async();  // the copies landed through the generic proxy
         }
+        tile_logits<T, C, kTma>(acc, qa, klo, khi, st);
+        refill_ring<S, L, kTma>(it, ntiles, issued, empty, tid, fill);  // while the wgmma runs
         const T* ktile = kring + st * kTile * C;
         // The tile's four 16-key slabs go to the four warps of warpgroup it % NW, slab wq to warp wq (a
         // warpgroup's warps meet at every wgmma, so they take equal shares of a tile).
@@ -1612,7 +1444,14 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
           float us[C / 16][4];
 #pragma unroll
           for (int ds = 0; ds < C / 16; ++ds) us[ds][0] = us[ds][1] = us[ds][2] = us[ds][3] = 0.0f;
-          score_detail::slab_unit_sums_at<T, C / 16>(slab + noff, slab + toff, 128, lane, us);
+          if constexpr (kTma) {
+            const int nr = 16 * wq + ((lane >> 3) & 1) * 8 + (lane & 7), tr = 16 * wq + ((lane >> 4) & 1) * 8 + (lane & 7);
+            score_detail::slab_unit_sums_by<T, C / 16>(
+                [=](int ks) { return ktile + sw128_tile_offset(nr, 16 * ks + 8 * (lane >> 4)); },
+                [=](int ds) { return ktile + sw128_tile_offset(tr, 16 * ds + 8 * ((lane >> 3) & 1)); }, lane, us);
+          } else {
+            score_detail::slab_unit_sums_at<T, C / 16>(slab + noff, slab + toff, 128, lane, us);
+          }
 #pragma unroll
           for (int ds = 0; ds < C / 16; ++ds) {
             const float2 sum = score_detail::unit_sum_pair(us[ds]);
@@ -1687,6 +1526,228 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p) {
     }
   }
   pass1_finish(p);
+#else
+  __trap();  // launched only from an sm_90a build (the launcher checks MIXKV_SM90A)
+#endif
+}
+
+// ---- pass 2 on warpgroup MMA (sm_90a, head dimension 65-128, 16-bit inputs) ---------------------
+// Where it applies (use_wgmma_pass2). The logits in the attention orientation of pass1_wgmma_kernel: one
+// block per (chunk, b·h), about one chunk per SM, NW warpgroups, warpgroup wg holding packed query rows
+// 64wg .. 64wg + 63 as the A operand in registers; per 64-key tile one m64n64k16 wgmma chain against the
+// key tile in shared memory. Each accumulator becomes a probability 2^(x·s2 − c_r) (c_r = max + log2(sum)
+// of row r from pass 1, +inf for rows outside the window), and each warp sums its 16 rows per key (its
+// own two rows, then a reduce-scatter over the eight row groups: every lane ends with two keys) into its
+// strip of a column buffer; warpgroup column_storer(x) folds tile x's strips into the raw importance
+// (store_raw_importance) one tile later, while its wgmma runs. While a tile's wgmma runs, the four warps
+// of warpgroup it % NW take its four key slabs (norm and k̂·m, mma.sync from the slot) and those of
+// warpgroup (it + 1) % NW its four value slabs (norm).
+// Key and value tiles stream through one ring of kW2Stages slots: with kTma, thread 0 copies both by
+// tensor map (tma_tile: 128-byte swizzled halves, the keys' descriptors sw128_desc; every column is
+// scored on its own, so keys outside the valid range need no zeroing: their columns are not stored);
+// otherwise every thread copies its pieces (blocked layout), as in pass 1. A slot is refilled kW1Lag tiles
+// after every thread has left it.
+// Column buffers: kW2Bufs slots of [NW·4 strips][64] floats with barriers cfull (every thread arrives
+// once its strip is written) and cempty (the storer warpgroup's threads arrive once they have read it);
+// every thread waits for cempty before it writes or arrives on cfull again, so phases never mix.
+constexpr int kW2Stages = 6;
+constexpr int kW2Bufs = 3;
+
+template <typename T>
+constexpr int64_t wgmma2_smem_bytes(int nw) {
+  return 1024 + 2 * int64_t(kW2Stages) * kTile * kW1Cols * int64_t(sizeof(T)) + 2 * kW1Cols * int64_t(sizeof(T)) +
+         int64_t(kW2Bufs) * nw * 4 * kTile * 4 + 2 * (kW2Stages + kW2Bufs) * 8;
+}
+
+// The warpgroup that folds tile x's column sums (at tile x + 1): (x + 3) % NW, which at tile x + 1 takes
+// neither key nor value slabs when NW = 4.
+template <int NW>
+__device__ __forceinline__ int column_storer(int x) {
+  return (x + 3) % NW;
+}
+
+template <typename T, int NW, bool kTma>
+__global__ void __launch_bounds__(NW * 128, 1)
+    pass2_wgmma_kernel(Params<T> p, const __grid_constant__ CUtensorMap kmap, const __grid_constant__ CUtensorMap vmap) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int S = kW2Stages, L = kW1Lag, C = kW1Cols, NC = NW * 128, NWARP = NW * 4, CB = kW2Bufs;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = align1024(smem_raw);
+  T* kring = reinterpret_cast<T*>(smem);       // [S][64 × C] blocked, or (kTma) [S][2][64][64] swizzled
+  T* vring = kring + S * kTile * C;            // [S][64 × C] blocked
+  T* mfrag = vring + S * kTile * C;            // [2][C]: m·2^10 high, low parts
+  float* colbuf = reinterpret_cast<float*>(mfrag + 2 * C);  // [CB][NWARP][64]
+  uint64_t* full = reinterpret_cast<uint64_t*>(colbuf + CB * NWARP * kTile);
+  uint64_t* empty = full + S;
+  uint64_t* cfull = empty + S;
+  uint64_t* cempty = cfull + CB;
+  const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
+  const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
+  const int ptiles = (p.P + kTile - 1) / kTile;
+  const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(ptiles, (chunk + 1) * p.tpb);
+  const int ntiles = t_end - t_begin;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (ntiles > 0) {
+    if (tid == 0) {
+      for (int st = 0; st < S; ++st) {
+        ring_detail::mbar_init(full + st, kTma ? 1 : NC);
+        ring_detail::mbar_init(empty + st, NC);
+      }
+      for (int cb = 0; cb < CB; ++cb) {
+        ring_detail::mbar_init(cfull + cb, NC);
+        ring_detail::mbar_init(cempty + cb, 128);
+      }
+    }
+    __syncthreads();
+    const T* kbase = p.k + b * p.ks0 + h * p.ks1;
+    const T* vbase = p.v + b * p.vs0 + h * p.vs1;
+    const bool need_v = p.need_v, khint = p.l2 >= 2, vhint = p.l2 >= 1;
+    const uint64_t pol = score_detail::l2_policy(1);
+    auto fill = [&](int x) {  // this thread's pieces of tile x (keys, and values if needed) into slot x % S
+      const int j0 = (t_begin + x) * kTile, st = x % S;
+      T* kdst = kring + st * kTile * C;
+      if constexpr (kTma) {  // thread 0 alone: two boxes of 64 columns per tensor
+        if (tid != 0) return;
+        uint64_t* bar = full + st;
+        tma_detail::mbar_expect_tx(bar, (need_v ? 2 : 1) * kTile * C * sizeof(T));
+        tma_tile(p, &kmap, kdst, j0, b, h, bar);
+        if (need_v) tma_tile(p, &vmap, vring + st * kTile * C, j0, b, h, bar);
+        return;
+      }
+      if (khint)
+        issue_tile_share<T, NC, C, true>(kbase, p.ks2, j0, s0, p.P, p.D, kdst, pol, tid);
+      else
+        issue_tile_share<T, NC, C, false>(kbase, p.ks2, j0, s0, p.P, p.D, kdst, pol, tid);
+      if (need_v) {
+        T* vdst = vring + st * kTile * C;
+        if (vhint)
+          issue_tile_share<T, NC, C, true>(vbase, p.vs2, j0, s0, p.P, p.D, vdst, pol, tid);
+        else
+          issue_tile_share<T, NC, C, false>(vbase, p.vs2, j0, s0, p.P, p.D, vdst, pol, tid);
+      }
+      ring_detail::cp_async_arrive(full + st);
+    };
+    int issued = min(2, ntiles);
+    for (int x = 0; x < issued; ++x) fill(x);
+    const int wg = warp >> 2, wq = warp & 3, g8 = lane >> 2, t4 = lane & 3;
+    const int r0 = wg * 64 + wq * 16 + g8;  // this thread's rows r0 and r0 + 8 (= 16 · warp + g8 (+ 8))
+    uint32_t qa[C / 16][4];
+    load_q_afrags<T, C>(p, b, h, warp, lane, qa);
+    score_detail::grid_dep_wait();  // pass 1's row statistics and mean key
+    for (int d = tid; d < C; d += blockDim.x) {
+      const float m = d < p.Dp ? p.mvec[int64_t(bh) * p.Dp + d] * kMScale : 0.0f;
+      const T hi = from_float<T>(m);
+      mfrag[d] = hi;
+      mfrag[C + d] = from_float<T>(m - to_float(hi));
+    }
+    // p = 2^(x·s2 − c) with c = max + log2(sum); +inf (p = 0) for rows past W or that see nothing
+    float cr[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int r = r0 + 8 * e;
+      cr[e] = INFINITY;
+      if (r < p.Rp && r % p.Wp < p.W) {
+        const float2 st = p.rowstat[int64_t(bh) * p.Rp + r];
+        if (st.x != -INFINITY && st.y > 0.0f) cr[e] = st.x + log2f(st.y);
+      }
+    }
+    __syncthreads();  // mfrag written
+    const float s2 = p.scale2;
+    const bool rows = warp < p.strips;  // the warp holds packed rows (else its probabilities are all 0)
+    const int strips_per_head = p.Wp / 16;
+    const int64_t col0 = int64_t(bh) * p.P;
+    const int ntask = need_v ? 8 : 4;
+    // this lane's ldmatrix row address inside a 16-key slab (row ((lane >> 3) & 1) · 8 + (lane & 7), piece
+    // lane >> 4)
+    const int noff = wgmma_detail::blocked_offset(((lane >> 3) & 1) * 8 + (lane & 7), 8 * (lane >> 4), C);
+    const uint64_t kdesc = kTma ? wgmma_detail::sw128_desc(kring) : wgmma_detail::blocked_desc(kring, C);
+    const uint32_t klo = static_cast<uint32_t>(kdesc), khi = static_cast<uint32_t>(kdesc >> 32);
+    // the slab task's ldmatrix address at k-step ks, rows 16mt.. of a slot
+    const int lrow = ((lane >> 3) & 1) * 8 + (lane & 7);
+    auto slab_at = [&](const T* slot, int mt) {
+      return [=](int ks) {
+        if constexpr (kTma) {
+          return slot + sw128_tile_offset(16 * mt + lrow, 16 * ks + 8 * (lane >> 4));
+        } else {
+          return slot + mt * 16 * C + noff + ks * 128;
+        }
+      };
+    };
+    auto store_columns = [&](int x) {  // the storer warpgroup: tile x's strips into raw_a
+      const int cb = x % CB;
+      ring_detail::mbar_wait(cfull + cb, (x / CB) & 1);
+      store_raw_importance(p, colbuf + cb * NWARP * kTile, strips_per_head, (t_begin + x) * kTile, s0, col0, tid & 127,
+                           128);
+      ring_detail::mbar_arrive(cempty + cb);
+    };
+    float acc[32];
+    // warpgroups of the tile's key slabs (it % NW) and value slabs ((it + 1) % NW)
+    int key_wg = 0, val_wg = 1 % NW;
+    for (int it = 0; it < ntiles; ++it, key_wg = val_wg, val_wg = val_wg + 1 == NW ? 0 : val_wg + 1) {
+      const int st = it % S, j0 = (t_begin + it) * kTile;
+      ring_detail::mbar_wait(full + st, (it / S) & 1);
+      if constexpr (!kTma) wgmma_detail::fence_proxy_async();  // the copies landed through the generic proxy
+      tile_logits<T, C, kTma>(acc, qa, klo, khi, st);
+      refill_ring<S, L, kTma>(it, ntiles, issued, empty, tid, fill);
+      // While the wgmma runs: this warp's slab tasks of the tile (key slabs to warpgroup it % NW, value
+      // slabs to warpgroup (it + 1) % NW) and, for the storer, the previous tile's columns.
+      for (int task = 0; task < ntask; task += 4) {
+        if (wg != (task == 0 ? key_wg : val_wg)) continue;
+        const int mt = wq;
+        const bool keys = task == 0;
+        float n0, n1, d0 = 0.0f, d1 = 0.0f;
+        if (keys)
+          score_detail::slab_norms_by<T, C / 16, true>(slab_at(kring + st * kTile * C, mt), mfrag, lane, n0, n1, d0, d1);
+        else
+          score_detail::slab_norms_by<T, C / 16, false>(slab_at(vring + st * kTile * C, mt), mfrag, lane, n0, n1, d0,
+                                                        d1);
+        store_slab_norms(p, keys, n0, n1, d0, d1, j0 + mt * 16, s0, col0, lane);
+      }
+      if (it > 0 && wg == column_storer<NW>(it - 1)) store_columns(it - 1);
+      wgmma_detail::wait<0>();
+      wgmma_detail::fence_regs(acc);
+      ring_detail::mbar_arrive(empty + st);  // every thread: its reads of the slot are done
+      const int cb = it % CB;
+      if (it >= CB) ring_detail::mbar_wait(cempty + cb, ((it / CB) - 1) & 1);
+      if (rows) {
+        // v[2jj + e]: key 8jj + 2t4 + e summed over this thread's two rows
+        float v[16];
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            v[2 * jj + e] = fast_exp2(fmaf(acc[4 * jj + e], s2, -cr[0])) +
+                            fast_exp2(fmaf(acc[4 * jj + 2 + e], s2, -cr[1]));
+        // Reduce-scatter over the eight row groups (lane bits 4, 3, 2): each step keeps the half of v
+        // selected by the lane's bit and adds the partner's; lane (g8, t4) ends with v[2g8], v[2g8 + 1].
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const bool hi = g8 & 4;
+          const float send = hi ? v[i] : v[i + 8], keep = hi ? v[i + 8] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const bool hi = g8 & 2;
+          const float send = hi ? v[i] : v[i + 4], keep = hi ? v[i + 4] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const bool hi = g8 & 1;
+          const float send = hi ? v[i] : v[i + 2], keep = hi ? v[i + 2] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+        }
+        *reinterpret_cast<float2*>(colbuf + (cb * NWARP + warp) * kTile + 8 * g8 + 2 * t4) = make_float2(v[0], v[1]);
+      }
+      ring_detail::mbar_arrive(cfull + cb);
+    }
+    if (wg == column_storer<NW>(ntiles - 1)) store_columns(ntiles - 1);
+  } else {
+    score_detail::grid_dep_wait();
+  }
+  score_detail::grid_dep_launch();
+  pass2_finish(p);
 #else
   __trap();  // launched only from an sm_90a build (the launcher checks MIXKV_SM90A)
 #endif
@@ -1835,9 +1896,9 @@ bool pdl_supported(int device) {
 
 // One launch of a Params kernel; `pdl` lets it start while the previous kernel on the stream ends
 // (the kernel calls grid_dep_wait() before reading that kernel's results).
-template <typename T>
-void launch(void (*kernel)(Params<T>), dim3 grid, int threads, int64_t smem, cudaStream_t stream, bool pdl,
-            const Params<T>& p) {
+template <typename... Args, typename... Values>
+void launch(void (*kernel)(Args...), dim3 grid, int threads, int64_t smem, cudaStream_t stream, bool pdl,
+            const Values&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(static_cast<unsigned>(threads));
@@ -1848,7 +1909,7 @@ void launch(void (*kernel)(Params<T>), dim3 grid, int threads, int64_t smem, cud
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
   MIXKV_CUDA_CHECK_LAUNCH();
 }
 
@@ -1869,19 +1930,13 @@ bool is_sm90(int device) {
   return v == 2;
 }
 
-// Whether pass 2 runs on warpgroup MMA (pass2_wgmma_kernel): opt-in with MIXKV_SCORE_WGMMA=1, for an
-// sm_90a build, a compute capability 9.0 device, head dimension 65-128 and at most 256 packed query
-// rows. Off by default: on the H100 it matches the mma.sync pass 2 at 2k-8k keys and is slower at 32k
-// (benchmarks/NOTES_score.md, v9).
-bool use_wgmma_pass2(const Dims& d, int device) {
-#if defined(MIXKV_SM90A)
-  if (d.D <= 64 || d.D > 128 || d.Rp > 256 || env_int("MIXKV_SCORE_WGMMA", 0) != 1) return false;
-  return is_sm90(device);
-#else
-  (void)d, (void)device;
-  return false;
-#endif
-}
+// Whether pass 2 runs on warpgroup MMA (pass2_wgmma_kernel): an sm_90a build, a compute capability 9.0
+// device, head dimension 65-128, at most 256 packed query rows, and (by default) at most kW2MaxTiles key
+// tiles per SM: with more, the mma.sync pass 2 (two blocks per SM) is faster per tile, while on short
+// chunks the warpgroup pass's shorter fixed cost wins (H100, Qwen2-VL-7B heads: even at 6 tiles per SM,
+// 3-5% faster at 2-8k keys, 2-4% slower from 8 tiles, 16k keys, on; benchmarks/NOTES_score.md, v11).
+// MIXKV_SCORE_WGMMA=1 takes it wherever it applies, 0 never.
+[[maybe_unused]] constexpr int64_t kW2MaxTiles = 6;
 
 int sm_count(int device) {
   static std::atomic<int> cache[64];
@@ -1894,34 +1949,60 @@ int sm_count(int device) {
   return v;
 }
 
-// Pass 2 on warpgroup MMA (see pass2_wgmma_kernel) with NQ >= Rp packed rows; one block per SM, so its
-// chunks hold more tiles than pass 1's (at most as many chunks as the workspace holds).
-template <typename T, int NQ>
+bool use_wgmma_pass2(const Dims& d, int device) {
+#if defined(MIXKV_SM90A)
+  const int mode = env_int("MIXKV_SCORE_WGMMA", -1);
+  if (d.D <= 64 || d.D > 128 || d.Rp > 256 || mode == 0 || !is_sm90(device)) return false;
+  return mode == 1 || cdiv(cdiv(d.P, kTile) * d.B * d.Hkv, sm_count(device)) <= kW2MaxTiles;
+#else
+  (void)d, (void)device;
+  return false;
+#endif
+}
+
+// Pass 2 on warpgroup MMA with NW warpgroups (64·NW >= Rp): about one chunk per SM (at most as many
+// chunks as the workspace holds). Keys and values come by tensor-map copies when the driver encodes
+// both maps with the same dimension order (MIXKV_SCORE_TMA=0: by cp.async).
+template <typename T, int NW>
 void launch_pass2_wgmma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
   const int64_t ptiles = cdiv(d.P, kTile), bh = d.B * d.Hkv;
   int64_t tpb = std::max<int64_t>(1, cdiv(ptiles * bh, sm_count(device)));
   if (cdiv(ptiles, tpb) > d.chunks2) tpb = d.tpb;
   p.tpb = static_cast<int>(tpb);
   p.chunks2 = static_cast<int>(cdiv(ptiles, tpb));
-  const int64_t smem = wgmma_smem_bytes<T>(NQ);
-  static std::atomic<int64_t> granted[64];
-  allow_smem(pass2_wgmma_kernel<T, NQ>, smem, device, granted);
-  launch(pass2_wgmma_kernel<T, NQ>, dim3(static_cast<unsigned>(p.chunks2), static_cast<unsigned>(bh)), kW2Threads,
-         smem, stream, pdl, p);
+  alignas(64) CUtensorMap kmap{};
+  alignas(64) CUtensorMap vmap{};
+  std::array<int, 3> korder{}, vorder{};
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  const bool tma =
+      env_int("MIXKV_SCORE_TMA", 1) == 1 &&
+      tma_detail::encode_bhnd(&kmap, bf16, p.k, d.B, d.Hkv, d.N, d.D, p.ks0, p.ks1, p.ks2, korder) &&
+      (!p.need_v || (tma_detail::encode_bhnd(&vmap, bf16, p.v, d.B, d.Hkv, d.N, d.D, p.vs0, p.vs1, p.vs2, vorder) &&
+                     vorder == korder));
+  p.tma_b = korder[0], p.tma_h = korder[1], p.tma_n = korder[2];
+  const int64_t smem = wgmma2_smem_bytes<T>(NW);
+  const dim3 grid(static_cast<unsigned>(p.chunks2), static_cast<unsigned>(bh));
+  if (tma) {
+    static std::atomic<int64_t> granted[64];
+    allow_smem(pass2_wgmma_kernel<T, NW, true>, smem, device, granted);
+    launch(pass2_wgmma_kernel<T, NW, true>, grid, NW * 128, smem, stream, pdl, p, kmap, vmap);
+  } else {
+    static std::atomic<int64_t> granted[64];
+    allow_smem(pass2_wgmma_kernel<T, NW, false>, smem, device, granted);
+    launch(pass2_wgmma_kernel<T, NW, false>, grid, NW * 128, smem, stream, pdl, p, kmap, vmap);
+  }
 }
 
 template <typename T>
 void launch_pass2_wgmma_rows(const Params<T>& p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
   if (d.Rp <= 64)
-    launch_pass2_wgmma<T, 64>(p, d, device, pdl, stream);
+    launch_pass2_wgmma<T, 1>(p, d, device, pdl, stream);
   else if (d.Rp <= 128)
-    launch_pass2_wgmma<T, 128>(p, d, device, pdl, stream);
+    launch_pass2_wgmma<T, 2>(p, d, device, pdl, stream);
   else if (d.Rp <= 192)
-    launch_pass2_wgmma<T, 192>(p, d, device, pdl, stream);
-  else if (d.Rp <= 224)
-    launch_pass2_wgmma<T, 224>(p, d, device, pdl, stream);
+    launch_pass2_wgmma<T, 3>(p, d, device, pdl, stream);
   else
-    launch_pass2_wgmma<T, 256>(p, d, device, pdl, stream);
+    launch_pass2_wgmma<T, 4>(p, d, device, pdl, stream);
 }
 
 // Whether pass 1 runs on warpgroup MMA (pass1_wgmma_kernel): an sm_90a build, a compute capability 9.0
@@ -1946,11 +2027,23 @@ void launch_pass1_wgmma(Params<T> p, const Dims& d, int device, cudaStream_t str
   if (cdiv(d.tiles, tpb) > d.chunks1) tpb = d.tpb;
   p.tpb = static_cast<int>(tpb);
   p.chunks1 = static_cast<int>(cdiv(d.tiles, tpb));
+  alignas(64) CUtensorMap kmap{};
+  std::array<int, 3> order{};
+  const bool tma = env_int("MIXKV_SCORE_TMA", 1) == 1 &&
+                   tma_detail::encode_bhnd(&kmap, std::is_same_v<T, __nv_bfloat16>, p.k, d.B, d.Hkv, d.N, d.D, p.ks0,
+                                           p.ks1, p.ks2, order);
+  p.tma_b = order[0], p.tma_h = order[1], p.tma_n = order[2];
   const int64_t smem = wgmma1_smem_bytes<T>(NW);
-  static std::atomic<int64_t> granted[64];
-  allow_smem(pass1_wgmma_kernel<T, NW>, smem, device, granted);
-  launch(pass1_wgmma_kernel<T, NW>, dim3(static_cast<unsigned>(p.chunks1), static_cast<unsigned>(bh)), NW * 128,
-         smem, stream, false, p);
+  const dim3 grid(static_cast<unsigned>(p.chunks1), static_cast<unsigned>(bh));
+  if (tma) {
+    static std::atomic<int64_t> granted[64];
+    allow_smem(pass1_wgmma_kernel<T, NW, true>, smem, device, granted);
+    launch(pass1_wgmma_kernel<T, NW, true>, grid, NW * 128, smem, stream, false, p, kmap);
+  } else {
+    static std::atomic<int64_t> granted[64];
+    allow_smem(pass1_wgmma_kernel<T, NW, false>, smem, device, granted);
+    launch(pass1_wgmma_kernel<T, NW, false>, grid, NW * 128, smem, stream, false, p, kmap);
+  }
 }
 
 template <typename T>

@@ -171,16 +171,18 @@ __device__ __forceinline__ void slab_logits(const uint32_t (&qb)[NT][KS][2], con
 // this lane's ldmatrix row address for k-step 0 (slab row ((lane >> 3) & 1) · 8 + (lane & 7), columns
 // 8 · (lane >> 4) ..), `kstep` the elements from one k-step's address to the next; slab_norms is the
 // row-major case ([16][LDK] from `slab`).
-template <typename T, int KS, bool kDot>
-__device__ __forceinline__ void slab_norms_at(const T* base, int kstep, const T* mf, int lane, float& n0, float& n1,
-                                              float& d0, float& d1) {
+// slab_norms_by takes the lane's ldmatrix row address of each k-step from `at(ks)` (any layout, e.g. a
+// swizzled one).
+template <typename T, int KS, bool kDot, typename At>
+__device__ __forceinline__ void slab_norms_by(At at, const T* mf, int lane, float& n0, float& n1, float& d0,
+                                              float& d1) {
   float ca[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cb[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   const bool mrow = lane < 8;  // B column g = lane / 4 is 0 or 1
-  const T* mbase = mf + (lane >> 2) * KS * 16 + 2 * (lane & 3);
+  const T* mbase = kDot ? mf + (lane >> 2) * KS * 16 + 2 * (lane & 3) : mf;
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
     uint32_t a[4];
-    ldmatrix_x4(a, base + ks * kstep);
+    ldmatrix_x4(a, at(ks));
     mma_16816<T>(ca, a, a[0], a[2]);
     mma_16816<T>(cb, a, a[1], a[3]);
     if constexpr (kDot) {
@@ -194,6 +196,12 @@ __device__ __forceinline__ void slab_norms_at(const T* base, int kstep, const T*
   n1 = odd ? cb[3] : cb[2];
   d0 = cm[0] + cm[1];
   d1 = cm[2] + cm[3];
+}
+
+template <typename T, int KS, bool kDot>
+__device__ __forceinline__ void slab_norms_at(const T* base, int kstep, const T* mf, int lane, float& n0, float& n1,
+                                              float& d0, float& d1) {
+  slab_norms_by<T, KS, kDot>([=](int ks) { return base + ks * kstep; }, mf, lane, n0, n1, d0, d1);
 }
 
 template <typename T, int KS, int LDK, bool kDot>
@@ -215,11 +223,11 @@ __device__ __forceinline__ void slab_norms(const T* slab, const T* mf, int lane,
 // transposed loads (slab row ((lane >> 4) & 1) · 8 + (lane & 7), columns 8 · ((lane >> 3) & 1) ..), and
 // `kstep` the elements from one 16-column step's address to the next; slab_unit_sums is the row-major
 // case ([16][LDK] from `slab`).
-template <typename T, int KS>
-__device__ __forceinline__ void slab_unit_sums_at(const T* nbase, const T* tbase, int kstep, int lane,
-                                                  float (&u)[KS][4]) {
+// slab_unit_sums_by takes both addresses per step from `nat(ks)` and `tat(ds)` (any layout).
+template <typename T, int KS, typename NAt, typename TAt>
+__device__ __forceinline__ void slab_unit_sums_by(NAt nat, TAt tat, int lane, float (&u)[KS][4]) {
   float n0, n1, d0, d1;
-  slab_norms_at<T, KS, false>(nbase, kstep, nbase, lane, n0, n1, d0, d1);
+  slab_norms_by<T, KS, false>(nat, static_cast<const T*>(nullptr), lane, n0, n1, d0, d1);
   // lane (g, g / 2) holds the squared norms of keys g and g + 8
   const float i0 = rsqrtf(fmaxf(n0, 1e-24f)), i1 = rsqrtf(fmaxf(n1, 1e-24f));
   const int g = lane >> 2, t = lane & 3;
@@ -240,9 +248,16 @@ __device__ __forceinline__ void slab_unit_sums_at(const T* nbase, const T* tbase
 #pragma unroll
   for (int ds = 0; ds < KS; ++ds) {
     uint32_t a[4];
-    ldmatrix_x4_trans(a, tbase + ds * kstep);
+    ldmatrix_x4_trans(a, tat(ds));
     mma_16816<T>(u[ds], a, b0, b1);
   }
+}
+
+template <typename T, int KS>
+__device__ __forceinline__ void slab_unit_sums_at(const T* nbase, const T* tbase, int kstep, int lane,
+                                                  float (&u)[KS][4]) {
+  slab_unit_sums_by<T, KS>([=](int ks) { return nbase + ks * kstep; }, [=](int ds) { return tbase + ds * kstep; },
+                           lane, u);
 }
 
 // The unit-key sums of one head-dimension step from slab_unit_sums' tile (every lane calls it; lane (g, 0)

@@ -29,6 +29,20 @@ __device__ __forceinline__ uint64_t blocked_desc(const void* ptr, int cols) {
   return ((addr & 0x3FFFF) >> 4) | (((lead >> 4) & 0x3FFF) << 16) | (((stride >> 4) & 0x3FFF) << 32);
 }
 
+// Descriptor of a K-major matrix in the 128-byte swizzled layout (rows of 128 bytes, 16-byte pieces
+// exchanged by row % 8 inside each 1024-byte group of eight rows, as a tensor-map copy with 128-byte
+// swizzle writes it) starting at `ptr` (1024-byte aligned): row groups 1024 bytes apart. A k-step of 16
+// elements inside the 128-byte row adds 32 bytes to the start address.
+__device__ __forceinline__ uint64_t sw128_desc(const void* ptr) {
+  const uint64_t addr = score_detail::smem_u32(ptr);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+// Element offset of (r, c) in a [rows][64] 16-bit matrix in that layout (1024-byte aligned base).
+__host__ __device__ constexpr int sw128_offset(int r, int c) {
+  return r * 64 + ((((c >> 3) ^ r) & 7) << 3) + (c & 7);
+}
+
 __device__ __forceinline__ void fence() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");

@@ -87,12 +87,14 @@ def run_selection_shapes(cap: str, part: str) -> None:
     torch.cuda.synchronize()
 
 
-def run_long_chunks(wgmma1: str, wgmma: str) -> None:
+def run_long_chunks(wgmma1: str, wgmma: str, tma: str = "1") -> None:
     """Scoring at Qwen2-VL-7B head counts (224 packed rows) on chunks long enough to wrap the tile rings
     of both passes; pass 1 on warpgroup MMA ("1", the default on sm_90) or mma.sync ("0"), pass 2 on
-    mma.sync ("0") or on warpgroup MMA ("1", opt-in, sm_90)."""
+    warpgroup MMA ("1") or mma.sync ("0"); the warpgroup passes' tiles by tensor map (tma "1", the
+    default) or cp.async ("0")."""
     os.environ["MIXKV_SCORE_WGMMA1"] = wgmma1
     os.environ["MIXKV_SCORE_WGMMA"] = wgmma
+    os.environ["MIXKV_SCORE_TMA"] = tma
     try:
         dev = torch.device("cuda")
         for dtype, gqa, n in ((torch.bfloat16, "mean", 40000), (torch.float16, "max", 3000)):
@@ -105,6 +107,7 @@ def run_long_chunks(wgmma1: str, wgmma: str) -> None:
     finally:
         del os.environ["MIXKV_SCORE_WGMMA1"]
         del os.environ["MIXKV_SCORE_WGMMA"]
+        del os.environ["MIXKV_SCORE_TMA"]
 
 
 def main() -> int:
@@ -119,6 +122,7 @@ def main() -> int:
         ("scoring, long chunks, warpgroup-MMA pass 1, mma.sync pass 2", lambda: run_long_chunks("1", "0")),
         ("scoring, long chunks, mma.sync passes", lambda: run_long_chunks("0", "0")),
         ("scoring, long chunks, warpgroup-MMA passes", lambda: run_long_chunks("1", "1")),
+        ("scoring, long chunks, warpgroup-MMA passes by cp.async", lambda: run_long_chunks("1", "1", "0")),
     ]
     failed = []
     for name, section in sections:  # one failing section does not hide the others from the tool

@@ -258,16 +258,15 @@ def check_case(device: str, case: dict) -> None:
     torch.testing.assert_close(got.redundancy.cpu().double(), want.redundancy, rtol=1e-5, atol=1e-6)
 
 
-# Pass 2 has a second tensor-core path on sm_90 devices, opt-in (MIXKV_SCORE_WGMMA=1: warpgroup MMA);
-# the property test above takes the default, this one the other (the mma.sync path where it does not
-# apply: other devices, head dimensions outside 65-128, more than 256 packed rows).
+# Pass 2 runs on warpgroup MMA by default on sm_90 devices (head dimension 65-128, at most 256 packed
+# rows); MIXKV_SCORE_WGMMA=0 takes the mma.sync pass 2, which other devices use.
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
 @given(case=cases())
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_scores_match_reference_wgmma_pass2(monkeypatch: pytest.MonkeyPatch, case: dict) -> None:
+def test_scores_match_reference_mma_pass2(monkeypatch: pytest.MonkeyPatch, case: dict) -> None:
     with monkeypatch.context() as m:
-        m.setenv("MIXKV_SCORE_WGMMA", "1")
+        m.setenv("MIXKV_SCORE_WGMMA", "0")
         check_case("cuda", case)
 
 
@@ -281,6 +280,42 @@ def test_scores_match_reference_mma_pass1(monkeypatch: pytest.MonkeyPatch, case:
     with monkeypatch.context() as m:
         m.setenv("MIXKV_SCORE_WGMMA1", "0")
         check_case("cuda", case)
+
+
+# On sm_90 both warpgroup-MMA passes copy key (and value) tiles by tensor map; MIXKV_SCORE_TMA=0 takes their
+# cp.async copies (the path where the driver cannot encode a map), here with pass 2 on warpgroup MMA.
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+@given(case=cases())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_scores_match_reference_copies(monkeypatch: pytest.MonkeyPatch, case: dict) -> None:
+    with monkeypatch.context() as m:
+        m.setenv("MIXKV_SCORE_TMA", "0")
+        m.setenv("MIXKV_SCORE_WGMMA", "1")
+        check_case("cuda", case)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+@pytest.mark.parametrize("tma", ["1", "0"])
+def test_strided_keys_tensor_core(monkeypatch: pytest.MonkeyPatch, tma: str) -> None:
+    """Keys and values as [B, N, H, D] buffers seen as [B, H, N, D] (the layout of a transposed projection),
+    on the tensor-core passes with left padding: the tensor maps order the dimensions by stride."""
+    monkeypatch.setenv("MIXKV_SCORE_TMA", tma)
+    monkeypatch.setenv("MIXKV_SCORE_WGMMA", "1")
+    bsz, hkv, g, n, w, d = 2, 4, 7, 3000, 32, 128
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(bsz, hkv * g, w, d, generator=gen).to("cuda", torch.bfloat16)
+    kt = torch.randn(bsz, n, hkv, d, generator=gen).to("cuda", torch.bfloat16)
+    vt = torch.randn(bsz, n, hkv, d, generator=gen).to("cuda", torch.bfloat16)
+    k, v = kt.transpose(1, 2), vt.transpose(1, 2)
+    valid = torch.tensor([n, 1777], device="cuda")
+    opts = {"method": "mixkv", "pooling": "max", "kernel_size": 7, "gqa": "mean"}
+    got = run_core(q, k, v, valid=valid, **opts)
+    same = run_core(q, k.contiguous(), v.contiguous(), valid=valid, **opts)
+    assert torch.equal(got.scores, same.scores)
+    want = reference(q, k, v, redundancy=None, valid=[n, 1777], scale=None, **opts)
+    assert_close_rows(got.scores, want.scores, 2e-4, 2e-5, "scores")
 
 
 # Sequences of one or two valid keys leave nothing to average out the rounding of the unit-key sums in the
@@ -300,7 +335,7 @@ def test_redundancy_of_few_keys(monkeypatch: pytest.MonkeyPatch, device: str, pa
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
-@pytest.mark.parametrize(("pass1", "pass2"), [("1", "0"), ("0", "0"), ("1", "1")])
+@pytest.mark.parametrize(("pass1", "pass2"), [("1", "1"), ("1", "0"), ("0", "0")])
 @pytest.mark.parametrize(
     ("gqa", "method", "dtype"), [("mean", "mixkv", torch.bfloat16), ("max", "uniform-mix", torch.float16)]
 )

@@ -1,5 +1,5 @@
-"""Small timing helpers: device synchronisation, medians of eager calls and of CUDA-graph replays,
-device time per kernel."""
+"""Small timing helpers: device synchronisation, medians of eager calls and of CUDA-graph replays (and
+the graph capture itself), device time per kernel."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def median_eager_ms(fn: Callable[[], object], device: torch.device, reps: int = 
     return statistics.median(times)
 
 
-def median_graph_ms(fn: Callable[[], object], reps: int = 20, inner: int = 5) -> float:
-    """Median device time of ``fn`` in milliseconds replayed from a CUDA graph (CUDA only)."""
+def capture_graph(fn: Callable[[], object], inner: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``inner`` calls of ``fn`` (after two warm-up calls on a side stream), replayed once."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -44,6 +44,12 @@ def median_graph_ms(fn: Callable[[], object], reps: int = 20, inner: int = 5) ->
             fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def median_graph_ms(fn: Callable[[], object], reps: int = 20, inner: int = 5) -> float:
+    """Median device time of ``fn`` in milliseconds replayed from a CUDA graph (CUDA only)."""
+    graph = capture_graph(fn, inner)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WIDTHS = (64, 128, 192, 224, 256)
+WIDTHS = (64,)
 RA_WIDTHS = (64,)
 TYPES = (("__nv_bfloat16", "bf16"), ("__half", "f16"))
 

@@ -108,11 +108,8 @@ int run_case(const char* name) {
 
 int main() {
   int bad = 0;
-  bad |= run_case<__nv_bfloat16, 224>("bf16");
-  bad |= run_case<__nv_bfloat16, 128>("bf16");
-  bad |= run_case<__nv_bfloat16, 256>("bf16");
+  bad |= run_case<__nv_bfloat16, 64>("bf16");
   bad |= run_case<__half, 64>("f16");
-  bad |= run_case<__half, 192>("f16");
   std::printf(bad ? "wgmma probe: FAILED\n" : "wgmma probe: all OK\n");
   return bad;
 }

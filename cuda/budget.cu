@@ -13,6 +13,7 @@
 
 #include "cuda_check.cuh"
 #include "device_guard.cuh"
+#include "pdl.cuh"
 #include "mixkv/budget.hpp"
 #include "mixkv/error.hpp"
 #include "cluster_select.cuh"
@@ -68,6 +69,8 @@ __device__ __forceinline__ bool adakv_ranks(const BudgetArgs& a, int64_t pb) {
 
 // One thread per (b, h): every capacity that needs no ranking.
 __global__ void closed_form_kernel(BudgetArgs a) {
+  cuda_detail::grid_dep_wait();  // the previous kernel's results (pdl.cuh)
+  cuda_detail::grid_dep_launch();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= static_cast<int64_t>(a.B) * a.H) return;
   const int b = static_cast<int>(t / a.H), h = static_cast<int>(t % a.H);
@@ -115,6 +118,8 @@ __host__ __device__ inline std::size_t align256(std::size_t x) { return (x + 255
 // of all its valid scores and of its top base ones (a second cut of the same passes), per block.
 template <bool kCached, int NT>
 __global__ void __launch_bounds__(512) adakv_top_kernel(BudgetArgs a, AdaWork w) {
+  cuda_detail::grid_dep_wait();  // the previous kernel's results (pdl.cuh)
+  cuda_detail::grid_dep_launch();
   extern __shared__ uint32_t cached_keys[];
   __shared__ csel::SharedT<NT> sh;
   csel::Cluster cluster = csel::this_cluster();
@@ -181,6 +186,8 @@ struct AllocLayout {
 // Also writes the capacities of sequences that do not rank (P_b <= base).
 template <bool kCached>
 __global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork w, int chunk) {
+  cuda_detail::grid_dep_wait();  // the previous kernel's results (pdl.cuh)
+  cuda_detail::grid_dep_launch();
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ csel::Shared sh;
   csel::Cluster cluster = csel::this_cluster();
@@ -340,7 +347,14 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   const int64_t cells = B * H;
   const bool ranks = o.policy == Policy::adakv && o.layer_idx >= o.ada_skip;
   if (!ranks) {
-    closed_form_kernel<<<static_cast<unsigned>((cells + 127) / 128), 128, 0, s>>>(a);
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>((cells + 127) / 128));
+    cfg.blockDim = dim3(128);
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1] = {cuda_detail::pdl_attribute()};
+    cfg.attrs = attr;
+    cfg.numAttrs = cuda_detail::pdl_supported(importance.device_id) ? 1 : 0;
+    MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, closed_form_kernel, a));
     MIXKV_CUDA_CHECK_LAUNCH();
     return;
   }

@@ -22,6 +22,7 @@
 
 #include "cuda_check.cuh"
 #include "dynamic_smem.cuh"
+#include "pdl.cuh"
 #include "mixkv/error.hpp"
 #include "radix_select.cuh"
 
@@ -478,12 +479,14 @@ struct RowClusters {
   std::size_t extra = 0;
   std::size_t dyn_bytes = 0;
   bool cached = false;
+  bool pdl = false;  // launched with programmatic dependence (the kernel waits first: pdl.cuh)
 };
 
 inline RowClusters plan_row_clusters(int64_t rows, int64_t keys, int device, const char* op,
                                      std::size_t static_bytes, std::size_t extra = 0) {
   RowClusters p;
   p.rows = rows;
+  p.pdl = pdl_supported(device);
   p.G = cluster_blocks(keys, device);
   require(rows * p.G <= 0x7FFFFFFF, op, ": too many rows for one launch");
   p.chunk = static_cast<int>((keys + p.G - 1) / p.G);
@@ -497,7 +500,8 @@ inline RowClusters plan_row_clusters(int64_t rows, int64_t keys, int device, con
   return p;
 }
 
-// Launches `kernel` (its cached or uncached variant, as p.cached says) over p.rows clusters.
+// Launches `kernel` (its cached or uncached variant, as p.cached says) over p.rows clusters; with p.pdl
+// programmatically dependent on the previous kernel (every kernel launched here calls grid_dep_wait first).
 template <typename... KernelArgs, typename... Args>
 void launch_row_clusters(const RowClusters& p, cudaStream_t stream, void (*kernel)(KernelArgs...), Args... args) {
   // never more threads than the function allows (instrumenting tools may lower the limit); every
@@ -510,13 +514,18 @@ void launch_row_clusters(const RowClusters& p, cudaStream_t stream, void (*kerne
   cfg.blockDim = dim3(limit >= 32u && limit < p.threads ? limit : p.threads);
   cfg.dynamicSmemBytes = p.dyn_bytes;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(p.G);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned count = 0;
+  if (p.G > 1) {  // one block per row: no cluster
+    attr[count].id = cudaLaunchAttributeClusterDimension;
+    attr[count].val.clusterDim.x = static_cast<unsigned>(p.G);
+    attr[count].val.clusterDim.y = 1;
+    attr[count].val.clusterDim.z = 1;
+    ++count;
+  }
+  if (p.pdl) attr[count++] = pdl_attribute();
   cfg.attrs = attr;
-  cfg.numAttrs = p.G > 1 ? 1 : 0;  // one block per row: no cluster
+  cfg.numAttrs = count;
   fit_dynamic_smem(kernel, p.dyn_bytes, "select");
   if (p.G > kPortableCluster)
     MIXKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));

@@ -1770,6 +1770,7 @@ static_assert(2 * (mma_smem_bytes<128, __nv_bfloat16>(false, 256) + 2048 + 1024)
 template <typename T>
 __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(Params<T> p) {
   score_detail::grid_dep_wait();
+  score_detail::grid_dep_launch();  // the capacities / selection that follow may start (they wait first)
   const int bh = blockIdx.y, b = bh / p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const float* f = p.fin + int64_t(bh) * kFin;
@@ -1880,20 +1881,6 @@ bool aligned16(const void* ptr, std::initializer_list<int64_t> strides, int64_t 
   return true;
 }
 
-// Programmatic dependent launches exist from sm_90 on (cached per device).
-bool pdl_supported(int device) {
-  static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
-  const int slot = device < 0 || device >= 64 ? 63 : device;
-  int v = cache[slot].load();
-  if (v == 0) {
-    int major = 0;
-    MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    v = major >= 9 ? 2 : 1;
-    cache[slot].store(v);
-  }
-  return v == 2;
-}
-
 // One launch of a Params kernel; `pdl` lets it start while the previous kernel on the stream ends
 // (the kernel calls grid_dep_wait() before reading that kernel's results).
 template <typename... Args, typename... Values>
@@ -1904,9 +1891,7 @@ void launch(void (*kernel)(Args...), dim3 grid, int threads, int64_t smem, cudaS
   cfg.blockDim = dim3(static_cast<unsigned>(threads));
   cfg.dynamicSmemBytes = static_cast<size_t>(smem);
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[1] = {cuda_detail::pdl_attribute()};
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
   MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
@@ -2159,7 +2144,7 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   require(int64_t(d.Rp) * d.chunks1 < (int64_t(1) << 31), "score: shape too large");
 
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
-  const bool pdl = pdl_supported(k.device_id);
+  const bool pdl = cuda_detail::pdl_supported(k.device_id);
   MIXKV_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, 2 * sizeof(unsigned) * bh, stream));
   const bool vec_v = aligned16(v.data, {v.stride[0], v.stride[1], v.stride[2], d.D}, sizeof(T));
   bool done = false;

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "dtype.cuh"
+#include "pdl.cuh"
 
 namespace mixkv::score_detail {
 
@@ -125,20 +126,9 @@ __device__ __forceinline__ void load_eight(const T* ptr, float* x) {
   }
 }
 
-// Programmatic dependent launch (sm_90+; no-ops before): a kernel launched with the programmatic
-// stream-serialisation attribute may start while its predecessor finishes; it must call
-// grid_dep_wait() before touching anything the predecessor writes. grid_dep_launch() lets the
-// successor's blocks be scheduled early.
-__device__ __forceinline__ void grid_dep_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void grid_dep_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
+// Programmatic dependent launch (pdl.cuh).
+using cuda_detail::grid_dep_launch;
+using cuda_detail::grid_dep_wait;
 
 // Logits of a 16-key slab of a key tile in shared memory ([keys][LDK] elements, key-major) against
 // one warp's NT·8 packed query rows held as B fragments (qb[nt][ks] = the two registers of rows

@@ -11,6 +11,7 @@
 
 #include "cuda_check.cuh"
 #include "device_guard.cuh"
+#include "pdl.cuh"
 #include "mixkv/error.hpp"
 #include "mixkv/select.hpp"
 #include "cluster_select.cuh"
@@ -38,6 +39,8 @@ struct SelectArgs {
 // [r * chunk, (r + 1) * chunk) of the row (as order keys in shared memory when kCached).
 template <bool kCached>
 __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chunk) {
+  cuda_detail::grid_dep_wait();  // the scores and capacities of the kernels before (pdl.cuh)
+  cuda_detail::grid_dep_launch();
   extern __shared__ uint32_t cached_keys[];
   __shared__ csel::Shared sh;
   csel::Cluster cluster = csel::this_cluster();

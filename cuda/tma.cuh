@@ -24,8 +24,8 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
 #endif
 }
 
-// One box of `map` at coordinates (c0, c1, c2, c3) (innermost first) into shared memory at `dst`;
-// completes `bytes` of the transaction count of `bar`. Out-of-range elements are zero.
+// One box of `map` at coordinates (c0, c1, c2, c3) (innermost first) into shared memory at `dst`; its
+// bytes count against the transactions `bar` expects. Out-of-range elements read as zero.
 __device__ __forceinline__ void load_4d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
                                         uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

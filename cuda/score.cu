@@ -1945,49 +1945,67 @@ bool use_wgmma_pass2(const Dims& d, int device) {
 #endif
 }
 
-// Pass 2 on warpgroup MMA with NW warpgroups (64·NW >= Rp): about one chunk per SM (at most as many
-// chunks as the workspace holds). Keys and values come by tensor-map copies when the driver encodes
-// both maps with the same dimension order (MIXKV_SCORE_TMA=0: by cp.async).
-template <typename T, int NW>
-void launch_pass2_wgmma(Params<T> p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
-  const int64_t ptiles = cdiv(d.P, kTile), bh = d.B * d.Hkv;
-  int64_t tpb = std::max<int64_t>(1, cdiv(ptiles * bh, sm_count(device)));
-  if (cdiv(ptiles, tpb) > d.chunks2) tpb = d.tpb;
-  p.tpb = static_cast<int>(tpb);
-  p.chunks2 = static_cast<int>(cdiv(ptiles, tpb));
-  alignas(64) CUtensorMap kmap{};
-  alignas(64) CUtensorMap vmap{};
-  std::array<int, 3> korder{}, vorder{};
+// Tensor maps of the keys and values for tma_tile (warpgroup passes), encoded once per scoring call:
+// `keys` when the key map is usable, `both` when the value map is too (or the method needs no values)
+// with the same dimension order (the kernels share one set of coordinate slots). MIXKV_SCORE_TMA=0:
+// neither (cp.async copies).
+struct TileMaps {
+  CUtensorMap k;  // 128-byte aligned by its type
+  CUtensorMap v;
+  std::array<int, 3> order{};  // coordinate slots of b, h and the key row
+  bool keys = false, both = false;
+};
+
+template <typename T>
+void encode_tile_maps(const Params<T>& p, const Dims& d, TileMaps& m) {
+  if (env_int("MIXKV_SCORE_TMA", 1) != 1) return;
   constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-  const bool tma =
-      env_int("MIXKV_SCORE_TMA", 1) == 1 &&
-      tma_detail::encode_bhnd(&kmap, bf16, p.k, d.B, d.Hkv, d.N, d.D, p.ks0, p.ks1, p.ks2, korder) &&
-      (!p.need_v || (tma_detail::encode_bhnd(&vmap, bf16, p.v, d.B, d.Hkv, d.N, d.D, p.vs0, p.vs1, p.vs2, vorder) &&
-                     vorder == korder));
-  p.tma_b = korder[0], p.tma_h = korder[1], p.tma_n = korder[2];
+  m.keys = tma_detail::encode_bhnd(&m.k, bf16, p.k, d.B, d.Hkv, d.N, d.D, p.ks0, p.ks1, p.ks2, m.order);
+  std::array<int, 3> vorder{};
+  m.both = m.keys && (!p.need_v ||
+                      (tma_detail::encode_bhnd(&m.v, bf16, p.v, d.B, d.Hkv, d.N, d.D, p.vs0, p.vs1, p.vs2, vorder) &&
+                       vorder == m.order));
+}
+
+// Tiles per chunk for about one chunk per SM over `tiles` tiles of each of the B·Hkv rows (at most as many
+// chunks as the workspace holds, `chunks`; else the workspace's own `tpb`).
+int64_t tiles_per_sm_chunk(int64_t tiles, const Dims& d, int64_t chunks, int64_t tpb, int device) {
+  const int64_t t = std::max<int64_t>(1, cdiv(tiles * d.B * d.Hkv, sm_count(device)));
+  return cdiv(tiles, t) > chunks ? tpb : t;
+}
+
+// Pass 2 on warpgroup MMA with NW warpgroups (64·NW >= Rp), about one chunk per SM; tiles by tensor map
+// when `maps.both`.
+template <typename T, int NW>
+void launch_pass2_wgmma(Params<T> p, const Dims& d, const TileMaps& maps, int device, bool pdl, cudaStream_t stream) {
+  const int64_t ptiles = cdiv(d.P, kTile);
+  p.tpb = static_cast<int>(tiles_per_sm_chunk(ptiles, d, d.chunks2, d.tpb, device));
+  p.chunks2 = static_cast<int>(cdiv(ptiles, p.tpb));
+  p.tma_b = maps.order[0], p.tma_h = maps.order[1], p.tma_n = maps.order[2];
   const int64_t smem = wgmma2_smem_bytes<T>(NW);
-  const dim3 grid(static_cast<unsigned>(p.chunks2), static_cast<unsigned>(bh));
-  if (tma) {
+  const dim3 grid(static_cast<unsigned>(p.chunks2), static_cast<unsigned>(d.B * d.Hkv));
+  if (maps.both) {
     static std::atomic<int64_t> granted[64];
     allow_smem(pass2_wgmma_kernel<T, NW, true>, smem, device, granted);
-    launch(pass2_wgmma_kernel<T, NW, true>, grid, NW * 128, smem, stream, pdl, p, kmap, vmap);
+    launch(pass2_wgmma_kernel<T, NW, true>, grid, NW * 128, smem, stream, pdl, p, maps.k, maps.v);
   } else {
     static std::atomic<int64_t> granted[64];
     allow_smem(pass2_wgmma_kernel<T, NW, false>, smem, device, granted);
-    launch(pass2_wgmma_kernel<T, NW, false>, grid, NW * 128, smem, stream, pdl, p, kmap, vmap);
+    launch(pass2_wgmma_kernel<T, NW, false>, grid, NW * 128, smem, stream, pdl, p, maps.k, maps.v);
   }
 }
 
 template <typename T>
-void launch_pass2_wgmma_rows(const Params<T>& p, const Dims& d, int device, bool pdl, cudaStream_t stream) {
+void launch_pass2_wgmma_rows(const Params<T>& p, const Dims& d, const TileMaps& maps, int device, bool pdl,
+                             cudaStream_t stream) {
   if (d.Rp <= 64)
-    launch_pass2_wgmma<T, 1>(p, d, device, pdl, stream);
+    launch_pass2_wgmma<T, 1>(p, d, maps, device, pdl, stream);
   else if (d.Rp <= 128)
-    launch_pass2_wgmma<T, 2>(p, d, device, pdl, stream);
+    launch_pass2_wgmma<T, 2>(p, d, maps, device, pdl, stream);
   else if (d.Rp <= 192)
-    launch_pass2_wgmma<T, 3>(p, d, device, pdl, stream);
+    launch_pass2_wgmma<T, 3>(p, d, maps, device, pdl, stream);
   else
-    launch_pass2_wgmma<T, 4>(p, d, device, pdl, stream);
+    launch_pass2_wgmma<T, 4>(p, d, maps, device, pdl, stream);
 }
 
 // Whether pass 1 runs on warpgroup MMA (pass1_wgmma_kernel): an sm_90a build, a compute capability 9.0
@@ -2003,44 +2021,37 @@ bool use_wgmma_pass1(const Dims& d, int device) {
 #endif
 }
 
-// Pass 1 on warpgroup MMA with NW consumer warpgroups (64·NW >= Rp): about one chunk per SM (at most
-// as many chunks as the workspace holds).
+// Pass 1 on warpgroup MMA with NW consumer warpgroups (64·NW >= Rp), about one chunk per SM; key tiles
+// by tensor map when `maps.keys`.
 template <typename T, int NW>
-void launch_pass1_wgmma(Params<T> p, const Dims& d, int device, cudaStream_t stream) {
-  const int64_t bh = d.B * d.Hkv;
-  int64_t tpb = std::max<int64_t>(1, cdiv(d.tiles * bh, sm_count(device)));
-  if (cdiv(d.tiles, tpb) > d.chunks1) tpb = d.tpb;
-  p.tpb = static_cast<int>(tpb);
-  p.chunks1 = static_cast<int>(cdiv(d.tiles, tpb));
-  alignas(64) CUtensorMap kmap{};
-  std::array<int, 3> order{};
-  const bool tma = env_int("MIXKV_SCORE_TMA", 1) == 1 &&
-                   tma_detail::encode_bhnd(&kmap, std::is_same_v<T, __nv_bfloat16>, p.k, d.B, d.Hkv, d.N, d.D, p.ks0,
-                                           p.ks1, p.ks2, order);
-  p.tma_b = order[0], p.tma_h = order[1], p.tma_n = order[2];
+void launch_pass1_wgmma(Params<T> p, const Dims& d, const TileMaps& maps, int device, cudaStream_t stream) {
+  p.tpb = static_cast<int>(tiles_per_sm_chunk(d.tiles, d, d.chunks1, d.tpb, device));
+  p.chunks1 = static_cast<int>(cdiv(d.tiles, p.tpb));
+  p.tma_b = maps.order[0], p.tma_h = maps.order[1], p.tma_n = maps.order[2];
   const int64_t smem = wgmma1_smem_bytes<T>(NW);
-  const dim3 grid(static_cast<unsigned>(p.chunks1), static_cast<unsigned>(bh));
-  if (tma) {
+  const dim3 grid(static_cast<unsigned>(p.chunks1), static_cast<unsigned>(d.B * d.Hkv));
+  if (maps.keys) {
     static std::atomic<int64_t> granted[64];
     allow_smem(pass1_wgmma_kernel<T, NW, true>, smem, device, granted);
-    launch(pass1_wgmma_kernel<T, NW, true>, grid, NW * 128, smem, stream, false, p, kmap);
+    launch(pass1_wgmma_kernel<T, NW, true>, grid, NW * 128, smem, stream, false, p, maps.k);
   } else {
     static std::atomic<int64_t> granted[64];
     allow_smem(pass1_wgmma_kernel<T, NW, false>, smem, device, granted);
-    launch(pass1_wgmma_kernel<T, NW, false>, grid, NW * 128, smem, stream, false, p, kmap);
+    launch(pass1_wgmma_kernel<T, NW, false>, grid, NW * 128, smem, stream, false, p, maps.k);
   }
 }
 
 template <typename T>
-void launch_pass1_wgmma_rows(const Params<T>& p, const Dims& d, int device, cudaStream_t stream) {
+void launch_pass1_wgmma_rows(const Params<T>& p, const Dims& d, const TileMaps& maps, int device,
+                             cudaStream_t stream) {
   if (d.Rp <= 64)
-    launch_pass1_wgmma<T, 1>(p, d, device, stream);
+    launch_pass1_wgmma<T, 1>(p, d, maps, device, stream);
   else if (d.Rp <= 128)
-    launch_pass1_wgmma<T, 2>(p, d, device, stream);
+    launch_pass1_wgmma<T, 2>(p, d, maps, device, stream);
   else if (d.Rp <= 192)
-    launch_pass1_wgmma<T, 3>(p, d, device, stream);
+    launch_pass1_wgmma<T, 3>(p, d, maps, device, stream);
   else
-    launch_pass1_wgmma<T, 4>(p, d, device, stream);
+    launch_pass1_wgmma<T, 4>(p, d, maps, device, stream);
 }
 
 template <typename T, int DK, int NT>
@@ -2065,15 +2076,17 @@ bool launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStr
   allow_smem(pass1_mma_kernel<T, DK, NT>, smem1, device, granted1);
   allow_smem(pass2_mma_kernel<T, DK, NT>, smem2, device, granted2);
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
-  bool wgmma1 = false;
+  const bool wgmma1 = DK == 128 && std::is_same_v<T, __nv_bfloat16> && use_wgmma_pass1(d, device);
+  const bool wgmma2 = DK == 128 && use_wgmma_pass2(d, device);
+  TileMaps maps{};
+  if (wgmma1 || wgmma2) encode_tile_maps(p, d, maps);
   if constexpr (DK == 128 && std::is_same_v<T, __nv_bfloat16>) {
-    wgmma1 = use_wgmma_pass1(d, device);
-    if (wgmma1) launch_pass1_wgmma_rows(p, d, device, stream);
+    if (wgmma1) launch_pass1_wgmma_rows(p, d, maps, device, stream);
   }
   if (!wgmma1)
     launch(pass1_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false, p);
-  if (DK == 128 && use_wgmma_pass2(d, device))
-    launch_pass2_wgmma_rows(p, d, device, pdl, stream);
+  if (wgmma2)
+    launch_pass2_wgmma_rows(p, d, maps, device, pdl, stream);
   else
     launch(pass2_mma_kernel<T, DK, NT>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl, p);
   return true;

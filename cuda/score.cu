@@ -28,7 +28,9 @@
 #include "device_guard.cuh"
 #include "dtype.cuh"
 #include "dynamic_smem.cuh"
+#include "load_part.cuh"
 #include "score_mma.cuh"
+#include "stamps.cuh"
 #include "tile_ring.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -320,7 +322,7 @@ __device__ void pass1_finish(const Params<T>& p) {
 // adds the pooled importance of the remaining columns, folds the chunks in order and writes the
 // mixing constants fin = {r, then (lo, range, factor) for each signal}.
 template <typename T>
-__device__ void pass2_finish(const Params<T>& p) {
+__device__ void pass2_finish(const Params<T>& p, cuda_detail::Stamps* stamp = nullptr) {
   __shared__ float buf[8][32];
   __shared__ float tot[10];
   const int chunk = blockIdx.x, bh = blockIdx.y, b = bh / p.Hkv, h = bh % p.Hkv;
@@ -335,6 +337,7 @@ __device__ void pass2_finish(const Params<T>& p) {
   int a, e;
   chunk_cols(p, chunk, s0, a, e);
   __syncthreads();  // the block's own raw_a / norm writes are visible to all its threads
+  if (stamp) stamp->at(7);
   float sum_a = 0.0f, lo[3], hi[3], ref[3], rel[3];
 #pragma unroll
   for (int s = 0; s < 3; ++s) lo[s] = INFINITY, hi[s] = -INFINITY, ref[s] = 0.0f, rel[s] = 0.0f;
@@ -351,6 +354,7 @@ __device__ void pass2_finish(const Params<T>& p) {
     }
     ++cnt;
   }
+  if (stamp) stamp->at(8);
   float r1[7] = {sum_a, lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]};
   const Op ops1[7] = {Op::sum, Op::min, Op::max, Op::min, Op::max, Op::min, Op::max};
   block_reduce_n(r1, ops1, buf);
@@ -366,6 +370,7 @@ __device__ void pass2_finish(const Params<T>& p) {
 #pragma unroll
     for (int s = 0; s < 3; ++s) out[2 + 3 * s] = r1[1 + 2 * s], out[3 + 3 * s] = r1[2 + 2 * s], out[4 + 3 * s] = r2[s];
   }
+  if (stamp) stamp->at(9);
   if (!last_block(p.counters + p.B * p.Hkv + bh)) return;
   const int np = p.P - s0;
   // Pooled importance of the columns whose window reaches into a neighbouring chunk.
@@ -1302,28 +1307,86 @@ __device__ __forceinline__ void tma_tile(const Params<T>& p, const CUtensorMap* 
   return (c >> 6) * kTile * 64 + wgmma_detail::sw128_offset(r, c & 63);
 }
 
+// Unit-key sums of a tensor-map key tile (tma_tile's layout) on the CUDA cores, spread evenly over the
+// block's NC threads: thread tid adds dims 8 · (tid % 16) .. + 7 of keys tid / 16 + q · NC / 16 of the tile,
+// each divided by its norm (the 16 lanes of a key add up its squared norm by shuffles), into us. Zero keys
+// (zero-filled rows) add nothing.
+template <typename T, int NC>
+__device__ __forceinline__ void tile_unit_sums(const T* tile, int tid, float (&us)[8]) {
+  constexpr int kKeys = NC / 16;  // keys per round (the last round of 3 warpgroups is partial)
+  const int dg = tid & 15, kr = tid >> 4;
+#pragma unroll
+  for (int q = 0; q < (kTile + kKeys - 1) / kKeys; ++q) {
+    float x[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (kTile % kKeys == 0 || kr + q * kKeys < kTile)
+      cuda_detail::load_smem_part<T, 8>(tile + sw128_tile_offset(kr + q * kKeys, 8 * dg), x);
+    float n0 = x[0] * x[0], n1 = x[1] * x[1];
+#pragma unroll
+    for (int i = 2; i < 8; i += 2) n0 = fmaf(x[i], x[i], n0), n1 = fmaf(x[i + 1], x[i + 1], n1);
+    float n2 = n0 + n1;
+#pragma unroll
+    for (int o = 1; o < 16; o <<= 1) n2 += __shfl_xor_sync(0xffffffffu, n2, o);
+    const float inv = rsqrtf(fmaxf(n2, 1e-24f));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) us[i] = fmaf(x[i], inv, us[i]);
+  }
+}
+
 // Shared memory of a kernel whose ring needs 1024-byte alignment (the 128-byte swizzle): the dynamic
 // allocation holds 1024 bytes of slack.
 [[maybe_unused]] __device__ __forceinline__ unsigned char* align1024(unsigned char* base) {
   return base + ((1024u - (score_detail::smem_u32(base) & 1023u)) & 1023u);
 }
 
-// The warpgroup's query rows as wgmma A fragments (warp `warp` of the block, NW·4 warps of 16 rows): rows
-// r0 = 16 · warp + g and r0 + 8, k-step ks: qa[ks] = {(r0, 16ks + 2t..), (r0 + 8, 16ks + 2t..), (r0, 16ks +
-// 2t + 8..), (r0 + 8, 16ks + 2t + 8..)}, from the B fragments of load_q_fragments for the warp's 16 rows (zero
-// outside the window, past D).
-template <typename T, int C>
-__device__ __forceinline__ void load_q_afrags(const Params<T>& p, int b, int h, int warp, int lane,
-                                              uint32_t (&qa)[C / 16][4]) {
-  uint32_t qb[2][C / 16][2];
-  load_q_fragments<T, C, 2>(p, b, h, warp, lane, qb);
+// The block's packed query rows 0 .. NW · 64 − 1 (zero outside the window, past Rp and past D) copied by
+// all NC threads with 16-byte loads into `stage` ([rows][C], the 16-byte pieces of row r exchanged by
+// r % 8, so that ldmatrix of eight rows meets no bank conflict).
+template <typename T, int C, int NC>
+__device__ __forceinline__ void stage_q_rows(const Params<T>& p, int b, int h, T* stage, int tid) {
+  constexpr int kPieces = C / 8;
+  for (int idx = tid; idx < NC / 2 * kPieces; idx += NC) {  // NC / 2 = NW · 64 rows
+    const int r = idx / kPieces, pc = idx % kPieces, c = 8 * pc, g = r / p.Wp, i = r - g * p.Wp;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (r < p.Rp && i < p.W && c < p.D) {  // D % 8 == 0: a piece lies inside or outside
+      const T* src = p.q + b * p.qs0 + int64_t(h * p.G + g) * p.qs1 + int64_t(i) * p.qs2 + c;
+      if (p.q_vec) {
+        v = *reinterpret_cast<const uint4*>(src);
+      } else {
+        T e[8];
 #pragma unroll
-  for (int ks = 0; ks < C / 16; ++ks) {
-    qa[ks][0] = qb[0][ks][0];
-    qa[ks][1] = qb[1][ks][0];
-    qa[ks][2] = qb[0][ks][1];
-    qa[ks][3] = qb[1][ks][1];
+        for (int u = 0; u < 8; ++u) e[u] = src[u];
+        v = *reinterpret_cast<const uint4*>(e);
+      }
+    }
+    *reinterpret_cast<uint4*>(stage + r * C + 8 * (pc ^ (r & 7))) = v;
   }
+}
+
+// Warp `warp`'s 16 query rows from stage_q_rows' copy as wgmma A fragments: rows r0 = 16 · warp + g and
+// r0 + 8, k-step ks: qa[ks] = {(r0, 16ks + 2t..), (r0 + 8, 16ks + 2t..), (r0, 16ks + 2t + 8..), (r0 + 8,
+// 16ks + 2t + 8..)} (one ldmatrix.x4 per k-step: lanes 0-15 address rows 0-15 at column 16ks, lanes 16-31
+// at 16ks + 8).
+template <typename T, int C>
+__device__ __forceinline__ void q_afrags_from_stage(const T* stage, int warp, int lane, uint32_t (&qa)[C / 16][4]) {
+  const int row = 16 * warp + (lane & 15);
+  const T* at = stage + row * C;
+#pragma unroll
+  for (int ks = 0; ks < C / 16; ++ks)
+    score_detail::ldmatrix_x4(qa[ks], at + 8 * ((2 * ks + (lane >> 4)) ^ (row & 7)));
+}
+
+// The query A fragments of a warpgroup pass, staged through ring slots 2-5 (64 KB, untouched until the
+// loop's first refill); returns once every thread has its fragments, so the slots may be refilled.
+template <typename T, int C, int NC>
+__device__ __forceinline__ void load_q_staged(const Params<T>& p, int b, int h, T* ring, int tid,
+                                              uint32_t (&qa)[C / 16][4]) {
+  static_assert(NC / 2 * C <= 4 * kTile * C, "the staged rows must fit ring slots 2-5");
+  T* stage = ring + 2 * kTile * C;
+  stage_q_rows<T, C, NC>(p, b, h, stage, tid);
+  __syncthreads();
+  q_afrags_from_stage<T, C>(stage, tid >> 5, tid & 31, qa);
+  wgmma_detail::fence_proxy_async();  // these generic reads before the slots' asynchronous refills
+  __syncthreads();
 }
 
 // Start-address offset (16-byte units) of k-step ks inside a key tile: two core matrices per step in
@@ -1374,6 +1437,8 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
   const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(p.tiles, (chunk + 1) * p.tpb);
   const int ntiles = t_end - t_begin;  // <= 0: padding only; the combine skips this chunk
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  cuda_detail::Stamps stamp;
+  stamp.at(0);
   if (ntiles > 0) {
     if (tid == 0)
       for (int st = 0; st < S; ++st) {
@@ -1381,6 +1446,7 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
         ring_detail::mbar_init(empty + st, NC);
       }
     __syncthreads();
+    stamp.at(1);
     const T* kbase = p.k + b * p.ks0 + h * p.ks1;
     auto fill = [&](int x) {  // this thread's pieces of tile x into slot x % S
       if constexpr (kTma) {  // thread 0 alone
@@ -1402,10 +1468,16 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
       const int wg = warp >> 2, wq = warp & 3, g8 = lane >> 2, t4 = lane & 3;
       const int r0 = wg * 64 + wq * 16 + g8;  // this thread's rows r0 and r0 + 8 (= 16 · warp + g8 (+ 8))
       uint32_t qa[C / 16][4];
-      load_q_afrags<T, C>(p, b, h, warp, lane, qa);
-      float* mine = usum + warp * C;  // this warp's unit-key sums (lanes t4 == 0 own dims 16ds + g8, + 8)
-      for (int d = lane; d < C; d += 32) mine[d] = 0.0f;
-      __syncwarp();  // zeroed before the lanes t4 == 0 add into them
+      load_q_staged<T, C, NC>(p, b, h, kring, tid, qa);
+      stamp.at(2);
+      // this warp's unit-key sums: with kTma in registers (tile_unit_sums: dims 8 · (lane % 16) ..), else
+      // in its row of usum (lanes t4 == 0 own dims 16ds + g8, + 8)
+      float* mine = usum + warp * C;
+      float tus[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+      if constexpr (!kTma) {
+        for (int d = lane; d < C; d += 32) mine[d] = 0.0f;
+        __syncwarp();  // zeroed before the lanes t4 == 0 add into them
+      }
       const float s2 = p.scale2;
       constexpr float kBig = 4294967296.0f;
       const int last[2] = {p.P + r0 % p.Wp, p.P + (r0 + 8) % p.Wp};  // row i sees keys <= P + i
@@ -1422,6 +1494,7 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
       for (int it = 0; it < ntiles; ++it) {
         const int st = it % S, j0 = (t_begin + it) * kTile;
         ring_detail::mbar_wait(full + st, (it / S) & 1);
+        if (it == 0) stamp.at(3);
         if constexpr (kTma) {
           if (j0 < s0) {  // (the chunk's first tile, block-uniform) keys before the sequence start read as zero
             T* tile = kring + st * kTile * C;
@@ -1437,21 +1510,16 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
         tile_logits<T, C, kTma>(acc, qa, klo, khi, st);
         refill_ring<S, L, kTma>(it, ntiles, issued, empty, tid, fill);  // while the wgmma runs
         const T* ktile = kring + st * kTile * C;
-        // The tile's four 16-key slabs go to the four warps of warpgroup it % NW, slab wq to warp wq (a
-        // warpgroup's warps meet at every wgmma, so they take equal shares of a tile).
-        if (it % NW == wg) {
+        // Unit-key sums while the wgmma runs: with kTma by every thread on the CUDA cores; else the tile's
+        // four 16-key slabs go to the four warps of warpgroup it % NW (tensor cores, blocked layout).
+        if constexpr (kTma) {
+          tile_unit_sums<T, NC>(ktile, tid, tus);
+        } else if (it % NW == wg) {
           const T* slab = ktile + wq * 16 * C;  // 16 rows = two row groups of C · 8 elements
           float us[C / 16][4];
 #pragma unroll
           for (int ds = 0; ds < C / 16; ++ds) us[ds][0] = us[ds][1] = us[ds][2] = us[ds][3] = 0.0f;
-          if constexpr (kTma) {
-            const int nr = 16 * wq + ((lane >> 3) & 1) * 8 + (lane & 7), tr = 16 * wq + ((lane >> 4) & 1) * 8 + (lane & 7);
-            score_detail::slab_unit_sums_by<T, C / 16>(
-                [=](int ks) { return ktile + sw128_tile_offset(nr, 16 * ks + 8 * (lane >> 4)); },
-                [=](int ds) { return ktile + sw128_tile_offset(tr, 16 * ds + 8 * ((lane >> 3) & 1)); }, lane, us);
-          } else {
-            score_detail::slab_unit_sums_at<T, C / 16>(slab + noff, slab + toff, 128, lane, us);
-          }
+          score_detail::slab_unit_sums_at<T, C / 16>(slab + noff, slab + toff, 128, lane, us);
 #pragma unroll
           for (int ds = 0; ds < C / 16; ++ds) {
             const float2 sum = score_detail::unit_sum_pair(us[ds]);
@@ -1505,6 +1573,7 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
         rs[0] += add[0];
         rs[1] += add[1];
       }
+      stamp.at(4);
       score_detail::grid_dep_launch();
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
@@ -1517,6 +1586,14 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
         const int r = r0 + 8 * e;
         if (t4 == 0 && r < p.Rp && r % p.Wp < p.W) p.stats[(int64_t(bh) * p.chunks1 + chunk) * p.Rp + r] = stat;
       }
+      if constexpr (kTma) {  // lanes l and l + 16 hold the same dims
+#pragma unroll
+        for (int i = 0; i < 8; ++i) tus[i] += __shfl_xor_sync(0xffffffffu, tus[i], 16);
+        if (lane < 16) {
+          *reinterpret_cast<float4*>(mine + 8 * lane) = make_float4(tus[0], tus[1], tus[2], tus[3]);
+          *reinterpret_cast<float4*>(mine + 8 * lane + 4) = make_float4(tus[4], tus[5], tus[6], tus[7]);
+        }
+      }
     }
     __syncthreads();
     for (int d = tid; d < p.Dp; d += blockDim.x) {
@@ -1525,7 +1602,10 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
       p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
     }
   }
+  stamp.at(5);
   pass1_finish(p);
+  stamp.at(6);
+  stamp.print("P1", ntiles);
 #else
   __trap();  // launched only from an sm_90a build (the launcher checks MIXKV_SM90A)
 #endif
@@ -1587,6 +1667,8 @@ __global__ void __launch_bounds__(NW * 128, 1)
   const int t_begin = max(chunk * p.tpb, s0 / kTile), t_end = min(ptiles, (chunk + 1) * p.tpb);
   const int ntiles = t_end - t_begin;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  cuda_detail::Stamps stamp;
+  stamp.at(0);
   if (ntiles > 0) {
     if (tid == 0) {
       for (int st = 0; st < S; ++st) {
@@ -1599,6 +1681,7 @@ __global__ void __launch_bounds__(NW * 128, 1)
       }
     }
     __syncthreads();
+    stamp.at(1);
     const T* kbase = p.k + b * p.ks0 + h * p.ks1;
     const T* vbase = p.v + b * p.vs0 + h * p.vs1;
     const bool need_v = p.need_v, khint = p.l2 >= 2, vhint = p.l2 >= 1;
@@ -1632,8 +1715,10 @@ __global__ void __launch_bounds__(NW * 128, 1)
     const int wg = warp >> 2, wq = warp & 3, g8 = lane >> 2, t4 = lane & 3;
     const int r0 = wg * 64 + wq * 16 + g8;  // this thread's rows r0 and r0 + 8 (= 16 · warp + g8 (+ 8))
     uint32_t qa[C / 16][4];
-    load_q_afrags<T, C>(p, b, h, warp, lane, qa);
+    load_q_staged<T, C, NC>(p, b, h, kring, tid, qa);
+    stamp.at(2);
     score_detail::grid_dep_wait();  // pass 1's row statistics and mean key
+    stamp.at(3);
     for (int d = tid; d < C; d += blockDim.x) {
       const float m = d < p.Dp ? p.mvec[int64_t(bh) * p.Dp + d] * kMScale : 0.0f;
       const T hi = from_float<T>(m);
@@ -1686,6 +1771,7 @@ __global__ void __launch_bounds__(NW * 128, 1)
     for (int it = 0; it < ntiles; ++it, key_wg = val_wg, val_wg = val_wg + 1 == NW ? 0 : val_wg + 1) {
       const int st = it % S, j0 = (t_begin + it) * kTile;
       ring_detail::mbar_wait(full + st, (it / S) & 1);
+      if (it == 0) stamp.at(4);
       if constexpr (!kTma) wgmma_detail::fence_proxy_async();  // the copies landed through the generic proxy
       tile_logits<T, C, kTma>(acc, qa, klo, khi, st);
       refill_ring<S, L, kTma>(it, ntiles, issued, empty, tid, fill);
@@ -1742,12 +1828,16 @@ __global__ void __launch_bounds__(NW * 128, 1)
       }
       ring_detail::mbar_arrive(cfull + cb);
     }
+    stamp.at(5);
     if (wg == column_storer<NW>(ntiles - 1)) store_columns(ntiles - 1);
   } else {
     score_detail::grid_dep_wait();
   }
   score_detail::grid_dep_launch();
-  pass2_finish(p);
+  stamp.at(6);
+  pass2_finish(p, &stamp);
+  stamp.at(10);
+  stamp.print("P2", ntiles);
 #else
   __trap();  // launched only from an sm_90a build (the launcher checks MIXKV_SM90A)
 #endif
@@ -1769,7 +1859,11 @@ static_assert(2 * (mma_smem_bytes<128, __nv_bfloat16>(false, 256) + 2048 + 1024)
 // Per column: pooling and mixing with pass 2's constants; -inf on padding; r_out.
 template <typename T>
 __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(Params<T> p) {
+  cuda_detail::Stamps stamp;
+  stamp.at(0);
   score_detail::grid_dep_wait();
+  stamp.at(1);
+  if (blockIdx.x == 0) stamp.print("FI", 0);
   score_detail::grid_dep_launch();  // the capacities / selection that follow may start (they wait first)
   const int bh = blockIdx.y, b = bh / p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
@@ -1915,14 +2009,6 @@ bool is_sm90(int device) {
   return v == 2;
 }
 
-// Whether pass 2 runs on warpgroup MMA (pass2_wgmma_kernel): an sm_90a build, a compute capability 9.0
-// device, head dimension 65-128, at most 256 packed query rows, and (by default) at most kW2MaxTiles key
-// tiles per SM: with more, the mma.sync pass 2 (two blocks per SM) is faster per tile, while on short
-// chunks the warpgroup pass's shorter fixed cost wins (H100, Qwen2-VL-7B heads: even at 6 tiles per SM,
-// 3-5% faster at 2-8k keys, 2-4% slower from 8 tiles, 16k keys, on; benchmarks/NOTES_score.md, v11).
-// MIXKV_SCORE_WGMMA=1 takes it wherever it applies, 0 never.
-[[maybe_unused]] constexpr int64_t kW2MaxTiles = 6;
-
 int sm_count(int device) {
   static std::atomic<int> cache[64];
   const int slot = device < 0 || device >= 64 ? 63 : device;
@@ -1934,11 +2020,15 @@ int sm_count(int device) {
   return v;
 }
 
+// Whether pass 2 runs on warpgroup MMA (pass2_wgmma_kernel): an sm_90a build, a compute capability 9.0
+// device, head dimension 65-128, at most 256 packed query rows. Since its query rows are staged through
+// shared memory it is as fast as or faster than the mma.sync pass 2 at every length measured (H100,
+// Qwen2-VL-7B heads, 2k-48k keys; benchmarks/NOTES_score.md, v12). MIXKV_SCORE_WGMMA=0 takes the mma.sync
+// pass 2.
 bool use_wgmma_pass2(const Dims& d, int device) {
 #if defined(MIXKV_SM90A)
   const int mode = env_int("MIXKV_SCORE_WGMMA", -1);
-  if (d.D <= 64 || d.D > 128 || d.Rp > 256 || mode == 0 || !is_sm90(device)) return false;
-  return mode == 1 || cdiv(cdiv(d.P, kTile) * d.B * d.Hkv, sm_count(device)) <= kW2MaxTiles;
+  return d.D > 64 && d.D <= 128 && d.Rp <= 256 && mode != 0 && is_sm90(device);
 #else
   (void)d, (void)device;
   return false;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build for sm_90a, run the CUDA tests, compute-sanitizer and benchmarks.
 # Results (logs, JSON, summary) go under $OUT. Usage: bash scripts/gpu_run.sh [stage ...]
-# stages: build test sanitize probe wgmma_probe bench e2e e2e_short mixcost (default: build test sanitize
+# stages: build test sanitize probe wgmma_probe wgmma_rate bench e2e e2e_short mixcost (default: build test sanitize
 # bench);
 # e2e_short and mixcost take MODEL=llava|qwen|internvl and need most of one 10-minute call each
 set -uo pipefail
@@ -64,6 +64,13 @@ for stage in $stages; do
       nvcc -std=c++17 -arch=sm_90a -Icuda -Icpp/include -o /tmp/wgmma_probe scripts/wgmma_probe.cu >"$OUT/wgmma_probe.log" 2>&1 \
         && /tmp/wgmma_probe >>"$OUT/wgmma_probe.log" 2>&1
       note "wgmma_probe rc=$?: $(tail -1 "$OUT/wgmma_probe.log")"
+      ;;
+    wgmma_rate)
+      # tensor-core rate of the scoring passes' logit shapes (cycles per 64-key tile of 256 rows)
+      python3 scripts/gen_wgmma.py --extra 128 256 --out /tmp/wgmma_extra.cuh \
+        && nvcc -std=c++17 -arch=sm_90a -Icuda -Icpp/include -I/tmp -o /tmp/wgmma_rate scripts/wgmma_rate.cu \
+          >"$OUT/wgmma_rate.log" 2>&1 && /tmp/wgmma_rate >>"$OUT/wgmma_rate.log" 2>&1
+      note "wgmma_rate rc=$?"; grep -E "cycles/tile" "$OUT/wgmma_rate.log" >>"$OUT/summary.txt"
       ;;
     bench)
       for b in benchmarks/bench_*.py; do

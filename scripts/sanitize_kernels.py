@@ -88,7 +88,7 @@ def run_selection_shapes(cap: str, part: str) -> None:
 
 
 def run_long_chunks(wgmma1: str, wgmma: str, tma: str = "1") -> None:
-    """Scoring at Qwen2-VL-7B head counts (224 packed rows) on chunks long enough to wrap the tile rings
+    """Scoring at Qwen2-VL-7B head counts (224 packed rows; and 160) on chunks long enough to wrap the tile rings
     of both passes; pass 1 on warpgroup MMA ("1", the default on sm_90) or mma.sync ("0"), pass 2 on
     warpgroup MMA ("1") or mma.sync ("0"); the warpgroup passes' tiles by tensor map (tma "1", the
     default) or cp.async ("0")."""
@@ -97,9 +97,11 @@ def run_long_chunks(wgmma1: str, wgmma: str, tma: str = "1") -> None:
     os.environ["MIXKV_SCORE_TMA"] = tma
     try:
         dev = torch.device("cuda")
-        for dtype, gqa, n in ((torch.bfloat16, "mean", 40000), (torch.float16, "max", 3000)):
+        # (three warpgroups: 5 query heads per kv head, a window of 20 in 32 packed rows each)
+        shapes = ((torch.bfloat16, "mean", 40000, 28, 32), (torch.float16, "max", 3000, 28, 32))
+        for dtype, gqa, n, hq, w in (*shapes, (torch.bfloat16, "mean", 9000, 20, 20)):
             valid = torch.tensor([n - 517], dtype=torch.int32, device=dev)
-            q = torch.randn(1, 28, 32, 128, device=dev, dtype=dtype)
+            q = torch.randn(1, hq, w, 128, device=dev, dtype=dtype)
             k = torch.randn(1, 4, n, 128, device=dev, dtype=dtype)
             v = torch.randn(1, 4, n, 128, device=dev, dtype=dtype)
             ops.compute_scores(q, k, v, method="mixkv", pooling="max", kernel_size=7, gqa=gqa, valid_lengths=valid)

@@ -458,6 +458,7 @@ def test_odd_head_dims(device: str, dtype: torch.dtype, d: int) -> None:
         (16, 2, 32, 128),  # 256 packed rows: every warp of the tensor-core passes holds query rows
         (14, 2, 32, 256),  # head dimension 256: 14 query warps of 16 rows and one more warp
         (2, 2, 16, 64),  # one query warp and three more
+        (10, 2, 20, 96),  # 160 packed rows (three warpgroups), 12 padding rows per head, head dimension 96
     ],
 )
 def test_warp_layouts(device: str, hq: int, hkv: int, w: int, d: int) -> None:
@@ -471,6 +472,20 @@ def test_warp_layouts(device: str, hq: int, hkv: int, w: int, d: int) -> None:
     assert_close_rows(got.scores, want.scores, 2e-4, 2e-5, "scores")
     assert_close_rows(got.importance, want.importance, 2e-4, 2e-5, "importance")
     torch.testing.assert_close(got.redundancy.cpu().double(), want.redundancy, rtol=1e-5, atol=1e-6)
+
+
+def test_query_rows_unaligned(device: str) -> None:
+    """Query rows that are not 16-byte aligned (a view into wider rows) score as the contiguous copy."""
+    q, k, v = make_inputs(2, 14, 2, 700, 32, 128, torch.bfloat16, device, 11)
+    wide = torch.zeros(2, 14, 32, 129, dtype=q.dtype, device=device)
+    wide[..., 1:] = q
+    view = wide[..., 1:]
+    assert not view.is_contiguous()
+    valid = torch.tensor([700, 431], device=device)
+    want = run_core(q, k, v, method="mixkv", pooling="max", kernel_size=7, gqa="mean", valid=valid)
+    got = run_core(view, k, v, method="mixkv", pooling="max", kernel_size=7, gqa="mean", valid=valid)
+    assert torch.equal(got.scores, want.scores)
+    assert torch.equal(got.redundancy, want.redundancy)
 
 
 def test_constant_norms_map_to_zero(device: str) -> None:

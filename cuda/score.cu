@@ -180,36 +180,24 @@ __device__ __forceinline__ float2 merge_stat(float2 a, float2 b) {
 
 enum class Op { sum, min, max };
 
-template <Op op>
-__device__ __forceinline__ float apply(float a, float b) {
-  if constexpr (op == Op::sum) return a + b;
-  if constexpr (op == Op::min) return fminf(a, b);
-  return fmaxf(a, b);
-}
-
 __device__ __forceinline__ float apply_rt(Op op, float a, float b) {
   return op == Op::sum ? a + b : (op == Op::min ? fminf(a, b) : fmaxf(a, b));
 }
 
-// Deterministic block reduction (fixed tree); every thread gets the result. `buf`: 32 floats.
-template <Op op>
-__device__ float block_reduce(float v, float* buf) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-  for (int o = 16; o > 0; o >>= 1) v = apply<op>(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();  // buf may still be read from a previous call
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  float r = buf[0];
-  for (int w = 1; w < nwarps; ++w) r = apply<op>(r, buf[w]);
-  return r;
+// Identity of a reduction: what lanes without a value contribute.
+__device__ __forceinline__ float identity_of(Op op) {
+  return op == Op::sum ? 0.0f : (op == Op::min ? INFINITY : -INFINITY);
 }
 
-// K values at once, value k reduced with ops[k]; `buf`: at least K × 32 floats.
+// K values at once, value k reduced with ops[k] over the block (at most 32 warps); every thread gets the
+// results. Fixed trees (warp butterflies, then each warp folds the warps' results by a butterfly over
+// its lanes), so results are identical from run to run. `buf`: at least K × 32 floats.
 template <int K>
 __device__ void block_reduce_n(float (&v)[K], const Op (&ops)[K], float (*buf)[32]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
 #pragma unroll
   for (int k = 0; k < K; ++k)
+#pragma unroll
     for (int o = 16; o > 0; o >>= 1) v[k] = apply_rt(ops[k], v[k], __shfl_xor_sync(0xffffffffu, v[k], o));
   __syncthreads();  // buf may still be read from a previous call
   if (lane == 0)
@@ -217,11 +205,20 @@ __device__ void block_reduce_n(float (&v)[K], const Op (&ops)[K], float (*buf)[3
     for (int k = 0; k < K; ++k) buf[k][warp] = v[k];
   __syncthreads();
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    float r = buf[k][0];
-    for (int w = 1; w < nwarps; ++w) r = apply_rt(ops[k], r, buf[k][w]);
-    v[k] = r;
-  }
+  for (int k = 0; k < K; ++k) v[k] = lane < nwarps ? buf[k][lane] : identity_of(ops[k]);
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v[k] = apply_rt(ops[k], v[k], __shfl_xor_sync(0xffffffffu, v[k], o));
+}
+
+// One value; `buf`: 32 floats.
+template <Op op>
+__device__ float block_reduce(float v, float* buf) {
+  float one[1] = {v};
+  const Op ops[1] = {op};
+  block_reduce_n(one, ops, reinterpret_cast<float (*)[32]>(buf));
+  return one[0];
 }
 
 // Called by every thread of every block of a (chunk, b·h) grid at its end, after the block's global
@@ -358,6 +355,7 @@ __device__ void pass2_finish(const Params<T>& p, cuda_detail::Stamps* stamp = nu
   float r1[7] = {sum_a, lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]};
   const Op ops1[7] = {Op::sum, Op::min, Op::max, Op::min, Op::max, Op::min, Op::max};
   block_reduce_n(r1, ops1, buf);
+  if (stamp) stamp->at(11);
   float r2[3];
 #pragma unroll
   for (int s = 0; s < 3; ++s) r2[s] = (need[s] && cnt > 0) ? rel[s] + static_cast<float>(cnt) * (ref[s] - r1[1 + 2 * s]) : 0.0f;
@@ -1343,22 +1341,28 @@ __device__ __forceinline__ void tile_unit_sums(const T* tile, int tid, float (&u
 // r % 8, so that ldmatrix of eight rows meets no bank conflict).
 template <typename T, int C, int NC>
 __device__ __forceinline__ void stage_q_rows(const Params<T>& p, int b, int h, T* stage, int tid) {
-  constexpr int kPieces = C / 8;
-  for (int idx = tid; idx < NC / 2 * kPieces; idx += NC) {  // NC / 2 = NW · 64 rows
-    const int r = idx / kPieces, pc = idx % kPieces, c = 8 * pc, g = r / p.Wp, i = r - g * p.Wp;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  constexpr int kPieces = C / 8, kPer = NC / 2 * kPieces / NC;  // NC / 2 = NW · 64 rows; pieces per thread
+  uint4 v[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {  // every load in flight before the first store
+    const int idx = tid + u * NC, r = idx / kPieces, c = 8 * (idx % kPieces), g = r / p.Wp, i = r - g * p.Wp;
+    v[u] = make_uint4(0u, 0u, 0u, 0u);
     if (r < p.Rp && i < p.W && c < p.D) {  // D % 8 == 0: a piece lies inside or outside
       const T* src = p.q + b * p.qs0 + int64_t(h * p.G + g) * p.qs1 + int64_t(i) * p.qs2 + c;
       if (p.q_vec) {
-        v = *reinterpret_cast<const uint4*>(src);
+        v[u] = *reinterpret_cast<const uint4*>(src);
       } else {
         T e[8];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) e[u] = src[u];
-        v = *reinterpret_cast<const uint4*>(e);
+        for (int x = 0; x < 8; ++x) e[x] = src[x];
+        v[u] = *reinterpret_cast<const uint4*>(e);
       }
     }
-    *reinterpret_cast<uint4*>(stage + r * C + 8 * (pc ^ (r & 7))) = v;
+  }
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int idx = tid + u * NC, r = idx / kPieces, pc = idx % kPieces;
+    *reinterpret_cast<uint4*>(stage + r * C + 8 * (pc ^ (r & 7))) = v[u];
   }
 }
 

@@ -1165,10 +1165,12 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
       const T* tile = kring + (it % kStages) * kTile * LDK;
       const T* vtile = vring + (it % kStages) * kTile * LDK;
       const int j0 = (t_begin + it) * kTile;
-      // Per prefix token: key norm, k̂·m and value norm on the tensor cores, one 16-key slab of keys or
-      // of values per task; the tasks go round robin from the last warp down (one per warp with the
-      // extra warp: taking them all, that warp's dependent MMA chains became the critical path).
-      for (int task = nwarps - 1 - warp; task < (p.need_v ? 8 : 4); task += nwarps) {
+      // Per prefix token: key norm, k̂·m and value norm on the tensor cores, one 16-key slab of keys (tasks
+      // 0-3, when the method uses key norms or k̂·m) or of values (4-7, when it uses value norms) per task;
+      // the tasks go round robin from the last warp down (one per warp with the extra warp: taking them
+      // all, that warp's dependent MMA chains became the critical path).
+      const int task_first = p.need_kn || p.need_d ? 0 : 4, task_end = p.need_v ? 8 : 4;
+      for (int task = task_first + nwarps - 1 - warp; task < task_end; task += nwarps) {
         const int mt = task & 3;
         const bool keys = task < 4;
         float n0, n1, d0 = 0.0f, d1 = 0.0f;
@@ -1745,7 +1747,8 @@ __global__ void __launch_bounds__(NW * 128, 1)
     const bool rows = warp < p.strips;  // the warp holds packed rows (else its probabilities are all 0)
     const int strips_per_head = p.Wp / 16;
     const int64_t col0 = int64_t(bh) * p.P;
-    const int ntask = need_v ? 8 : 4;
+    // slab tasks: 0 keys (norms and k̂·m, when the method uses either), 4 values (norms, when it uses them)
+    const int task_first = p.need_kn || p.need_d ? 0 : 4, task_end = need_v ? 8 : 4;
     // this lane's ldmatrix row address inside a 16-key slab (row ((lane >> 3) & 1) · 8 + (lane & 7), piece
     // lane >> 4)
     const int noff = wgmma_detail::blocked_offset(((lane >> 3) & 1) * 8 + (lane & 7), 8 * (lane >> 4), C);
@@ -1780,8 +1783,9 @@ __global__ void __launch_bounds__(NW * 128, 1)
       tile_logits<T, C, kTma>(acc, qa, klo, khi, st);
       refill_ring<S, L, kTma>(it, ntiles, issued, empty, tid, fill);
       // While the wgmma runs: this warp's slab tasks of the tile (key slabs to warpgroup it % NW, value
-      // slabs to warpgroup (it + 1) % NW) and, for the storer, the previous tile's columns.
-      for (int task = 0; task < ntask; task += 4) {
+      // slabs to warpgroup (it + 1) % NW; only those the method needs) and, for the storer, the previous
+      // tile's columns.
+      for (int task = task_first; task < task_end; task += 4) {
         if (wg != (task == 0 ? key_wg : val_wg)) continue;
         const int mt = wq;
         const bool keys = task == 0;

@@ -41,6 +41,7 @@ struct BudgetArgs {
   double beta, alpha, ratio;
   bool normalize;
   int64_t skip;
+  int span;  // cluster_cut's span step (csel::span_mode)
 };
 
 __device__ __forceinline__ int64_t prefix_of(const BudgetArgs& a, int b) {
@@ -117,7 +118,7 @@ __host__ __device__ inline std::size_t align256(std::size_t x) { return (x + 255
 // One cluster per (b, h) row: the row's top m scores and, with normalize (NT = 2), the float64 sums
 // of all its valid scores and of its top base ones (a second cut of the same passes), per block.
 template <bool kCached, int NT>
-__global__ void __launch_bounds__(512) adakv_top_kernel(BudgetArgs a, AdaWork w) {
+__global__ void __launch_bounds__(512, 1) adakv_top_kernel(BudgetArgs a, AdaWork w) {
   cuda_detail::grid_dep_wait();  // the previous kernel's results (pdl.cuh)
   cuda_detail::grid_dep_launch();
   extern __shared__ uint32_t cached_keys[];
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(512) adakv_top_kernel(BudgetArgs a, AdaWork w)
   c[0] = static_cast<uint32_t>(m64);
   if constexpr (NT == 2) c[1] = static_cast<uint32_t>(a.base);
   csel::Cut cut[NT];
-  csel::cluster_cut<NT>(key_at, kCached ? cached_keys : nullptr, n_local, c, sh, cut);
+  csel::cluster_cut<NT>(key_at, kCached ? cached_keys : nullptr, n_local, c, sh, cut, a.span);
   if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on
   if constexpr (NT == 2) {
     // this block's sums, fixed order: per thread strided, then lanes, then warps in order
@@ -256,7 +257,7 @@ __global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork 
     }
   };
   const uint32_t k = static_cast<uint32_t>(a.base) * static_cast<uint32_t>(H);
-  const csel::Cut cut = csel::cluster_cut(key_at, kCached ? keys : nullptr, n_local, k, sh);
+  const csel::Cut cut = csel::cluster_cut(key_at, kCached ? keys : nullptr, n_local, k, sh, a.span);
   // keys of this chunk above / equal to the cut, per head
   if (cut.take > 0) {
     for (int i = threadIdx.x; i < n_local; i += blockDim.x) {
@@ -343,6 +344,7 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   a.ratio = o.sparsemm_ratio;
   a.normalize = o.ada_normalize;
   a.skip = o.ada_skip;
+  a.span = csel::span_mode();
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t cells = B * H;
   const bool ranks = o.policy == Policy::adakv && o.layer_idx >= o.ada_skip;

@@ -1,6 +1,7 @@
 // Top-k building blocks spread over a thread-block cluster (sm_90): one row of keys is split into
 // consecutive chunks, one per block of the cluster (block rank order = position order). A radix
-// select (8-bit digits, at most four passes) finds the k-th largest key of the whole row: each pass
+// select (8-bit digits from the highest bit in which the row's keys differ, at most four passes)
+// finds the k-th largest key of the whole row: each pass
 // builds a per-block histogram in shared memory, and after one cluster barrier every block sums
 // the histograms of all blocks (distributed shared memory) and picks the same digit. Integer
 // counts only: the result does not depend on timing. Blocks also learn how many chosen keys lie in
@@ -40,6 +41,12 @@ constexpr int kPortableCluster = 8;
 constexpr int kMaxCluster = 16;  // above 8: non-portable cluster sizes (sm_90 allows 16)
 constexpr int kMaxTargets = 2;
 constexpr uint32_t kNone = 0xFFFFFFFFu;
+// cluster_cut's span step (one more row barrier, to start the passes at the highest bit in which the
+// row's keys differ) pays on rows of up to kSpanMaxBlocks blocks; on longer ones its barrier cost more
+// than the passes it saved (H100: select of 4 x 31,968 keys 13.8 against 12.1 us, of 4 x 2,016 keys 6.1
+// against 6.7; the compression step at 8k 3 us faster with AdaKV). kSpanAuto takes it there only.
+constexpr int kSpanAuto = 2;
+constexpr int kSpanMaxBlocks = 2;
 
 // Thread-block clusters exist from sm_90 on. Device passes for older targets compile the same
 // kernels against a one-block stand-in, and the host launches one block per row on such devices
@@ -77,6 +84,7 @@ struct alignas(16) SharedT {
   uint32_t warp_g[kMaxWarps];
   uint32_t warp_e[kMaxWarps];
   double warp_sum[2][kMaxWarps];
+  uint32_t span[2];  // smallest and largest key above -inf of this block's chunk (cluster_cut)
 };
 using Shared = SharedT<1>;
 
@@ -178,6 +186,61 @@ __device__ __forceinline__ Digit warp_find(const WarpBins& w, uint32_t want) {
   return d;
 }
 
+// The highest bit in which the row's keys above -inf differ (0 when they are all equal, and any value
+// when there are none: the caller's first histogram then counts nothing), and in `common` the bits
+// above it that they all share. Each block folds its chunk's minimum and maximum; the blocks exchange
+// them over one row barrier. Every thread of the cluster gets the same answer.
+template <int NT, typename KeyAt>
+__device__ __forceinline__ int row_span_top(KeyAt key_at, const uint32_t* cached, int n_local, SharedT<NT>& sh,
+                            const Cluster& cluster, unsigned G, uint32_t& common) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  uint32_t lo = 0xFFFFFFFFu, hi = 0u;
+  auto see = [&](uint32_t k) {
+    if (k > kNegInfKey) lo = min(lo, k), hi = max(hi, k);
+  };
+  if (cached != nullptr) {
+    const int n4 = n_local >> 2;
+    const uint4* k4 = reinterpret_cast<const uint4*>(cached);
+    for (int i = tid; i < n4; i += blockDim.x) {
+      const uint4 v = k4[i];
+      see(v.x);
+      see(v.y);
+      see(v.z);
+      see(v.w);
+    }
+    for (int i = 4 * n4 + tid; i < n_local; i += blockDim.x) see(cached[i]);
+  } else {
+    for (int i = tid; i < n_local; i += blockDim.x) see(key_at(i));
+  }
+  lo = __reduce_min_sync(0xFFFFFFFFu, lo);
+  hi = __reduce_max_sync(0xFFFFFFFFu, hi);
+  if (lane == 0) sh.warp_g[warp] = lo, sh.warp_e[warp] = hi;
+  __syncthreads();
+  if (warp == 0) {
+    lo = __reduce_min_sync(0xFFFFFFFFu, lane < nwarps ? sh.warp_g[lane] : 0xFFFFFFFFu);
+    hi = __reduce_max_sync(0xFFFFFFFFu, lane < nwarps ? sh.warp_e[lane] : 0u);
+    if (lane == 0) sh.span[0] = lo, sh.span[1] = hi;
+  }
+  row_sync(cluster, G);  // every block's span is written (and, for one block, visible to all warps)
+  if (G > 1) {
+    const bool mine = lane < static_cast<int>(G);
+    lo = mine ? *cluster.map_shared_rank(&sh.span[0], lane) : 0xFFFFFFFFu;
+    hi = mine ? *cluster.map_shared_rank(&sh.span[1], lane) : 0u;
+    lo = __reduce_min_sync(0xFFFFFFFFu, lo);
+    hi = __reduce_max_sync(0xFFFFFFFFu, hi);
+  } else {
+    lo = sh.span[0], hi = sh.span[1];
+  }
+  if (lo > hi) {  // no key above -inf anywhere in the row
+    common = 0u;
+    return 31;
+  }
+  const uint32_t diff = lo ^ hi;
+  const int top = diff == 0u ? 0 : 31 - __clz(diff);
+  common = top == 31 ? 0u : lo & ~((2u << top) - 1u);
+  return top;
+}
+
 // Cluster-wide: for each target q < NT, the top min(c[q], keys above -inf) keys of the row whose
 // chunk in this block is key_at(0 .. n_local-1). Keys <= order_key(-inf) never count. blockDim.x
 // must be a multiple of 32. Every block of the cluster must call it with the same c[]. The keys must
@@ -193,7 +256,7 @@ __device__ __forceinline__ Digit warp_find(const WarpBins& w, uint32_t want) {
 // cached: the chunk's keys in shared memory (16-byte aligned; read four at a time), or null.
 template <int NT, typename KeyAt>
 __device__ void cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, const uint32_t (&c)[NT],
-                            SharedT<NT>& sh, Cut (&cut)[NT]) {
+                            SharedT<NT>& sh, Cut (&cut)[NT], int span = kSpanAuto) {
   static_assert(NT >= 1 && NT <= kMaxTargets, "one or two targets");
   Cluster cluster = this_cluster();
   const unsigned G = cluster.num_blocks(), rank = cluster.block_rank();
@@ -210,11 +273,24 @@ __device__ void cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, c
   // buffers 0 and 1 now; buffer (p + 2) % 3 after the row barrier of pass p: its last readers
   // (pass p - 1) are past that barrier, its next writers (pass p + 2) behind the next one
   for (int i = tid; i < 2 * NT * kBins; i += blockDim.x) (&sh.hist[0][0][0])[i] = 0u;
-  __syncthreads();
-  uint32_t mask = 0;
-  for (int pass = 0; pass < 4; ++pass) {
-    const int shift = 24 - 8 * pass;
+  // The row's keys above -inf share every bit above the highest bit in which their minimum and
+  // maximum differ: the passes start there (scores of one row usually share their sign and most of
+  // their exponent, which a first digit on the top eight bits would spend a pass, and one shared
+  // atomic address per key, on).
+  uint32_t common = 0u;
+  int top = 31;  // without the span step: every pass from the top bit
+  if (span == kSpanAuto ? G <= kSpanMaxBlocks : span != 0) {
+    top = row_span_top(key_at, cached, n_local, sh, cluster, G, common);
+  } else {
+    __syncthreads();  // the buffers are clear
+  }
+  uint32_t mask = top == 31 ? 0u : ~((2u << top) - 1u);
+#pragma unroll
+  for (int q = 0; q < NT; ++q) prefix[q] = common;
+  int shift = top >= 7 ? top - 7 : 0, width = top - shift + 1;
+  for (int pass = 0;; ++pass) {
     const int buf = pass % 3;
+    const uint32_t dmask = (1u << width) - 1u;
     // histogram slot of each target: target 1 reads target 0's while their prefixes agree
     int slot[NT];
     bool built[NT];
@@ -229,7 +305,7 @@ __device__ void cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, c
 #pragma unroll
       for (int q = 0; q < NT; ++q)
         if (built[q] && (key & mask) == prefix[q]) {
-          atomicAdd(&hist[q * kBins + ((key >> shift) & 0xFFu)], 1u);
+          atomicAdd(&hist[q * kBins + ((key >> shift) & dmask)], 1u);
           return;  // prefixes of built slots differ: a key counts once
         }
     };
@@ -303,7 +379,7 @@ __device__ void cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, c
       prefix[q] = p;
       rem[q] -= d.above;
       cut[q].g_before += d.low_above;
-      if (pass == 3) {
+      if (shift == 0) {  // every bit decided: the ties at p are taken in position order
         cut[q].key = p;
         cut[q].take_equal = rem[q];
         cut[q].e_before = d.low_at;
@@ -312,16 +388,19 @@ __device__ void cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, c
       more = more || active[q];
     }
     if (!more) return;
-    mask |= 0xFFu << shift;
+    mask |= dmask << shift;
+    width = shift < 8 ? shift : 8;
+    shift -= width;
   }
 }
 
 // One target: the top min(c, keys above -inf) keys (see above).
 template <typename KeyAt>
-__device__ Cut cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, uint32_t c, Shared& sh) {
+__device__ Cut cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, uint32_t c, Shared& sh,
+                           int span = kSpanAuto) {
   const uint32_t cs[1] = {c};
   Cut cut[1];
-  cluster_cut<1>(key_at, cached, n_local, cs, sh, cut);
+  cluster_cut<1>(key_at, cached, n_local, cs, sh, cut, span);
   return cut[0];
 }
 
@@ -448,6 +527,13 @@ inline int smem_optin(int device) {
 inline int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
+}
+
+// When cluster_cut starts at the row's highest differing bit: MIXKV_SELECT_SPAN (read per call; for
+// measurements and tests) 0 never, 1 always, else kSpanAuto.
+inline int span_mode() {
+  const int v = env_int("MIXKV_SELECT_SPAN", kSpanAuto);
+  return v == 0 || v == 1 ? v : kSpanAuto;
 }
 
 // Rows of up to this many keys take one block without a cluster; longer rows about this many keys

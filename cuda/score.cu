@@ -7,7 +7,8 @@
 //             sum-exp, and sums of unit keys. The last block of each b·h to finish merges the
 //             chunks: row max / sum, the mean unit key m and the online r.
 //   pass2     per chunk of prefix tiles: logits again -> probabilities summed over the window rows,
-//             reduced over the group -> raw A; key norms, k̂·m and value norms of prefix tokens;
+//             reduced over the group -> raw A; key norms, k̂·m and value norms of prefix tokens (on
+//             sm_90 the key norms come from pass 1 and k·m from spare query rows holding m);
 //             per chunk, the sum of pooled A and the minima / maxima / sums of the signals. The
 //             last block of each b·h folds the chunks into the per-(b, h) mixing constants.
 //   finalize  per column: pooling and mixing -> outputs.
@@ -153,6 +154,10 @@ struct Params {
   int method, pooling, kernel, gqa;
   float scale, scale2;  // logit scale, and the same times log2(e): softmax statistics are kept base 2
   bool vec_k, need_v, need_kn, need_d;
+  // Key signals off pass 2's slab tasks (warpgroup passes with tensor-map tiles): pass 1 writes the
+  // squared key norms (kn_pass1), and pass 2 takes k·m from three spare query rows that hold the mean key
+  // (km_rows); pass2_finish turns them into norms and k̂·m in place.
+  bool kn_pass1, km_rows;
   bool q_pairs;  // query rows 4-byte aligned: element pairs load as one word
   bool q_vec;    // query rows 16-byte aligned: 8-element pieces load as one vector
   // L2 eviction hints of pass 2's tile copies (tensor-core path): 0 none; 1 values evict first (read
@@ -330,6 +335,8 @@ __device__ void pass2_finish(const Params<T>& p, cuda_detail::Stamps* stamp = nu
   const bool avg = p.pooling == static_cast<int>(Pooling::avg);
   const bool need[3] = {p.need_v, p.need_kn, p.need_d};
   const float* sig[3] = {p.vnorm + col0, p.knorm + col0, p.sdot + col0};
+  float* sdot = p.sdot + col0;
+  float* knorm = p.knorm + col0;
   const float sign[3] = {1.0f, -1.0f, -1.0f};
   int a, e;
   chunk_cols(p, chunk, s0, a, e);
@@ -342,10 +349,19 @@ __device__ void pass2_finish(const Params<T>& p, cuda_detail::Stamps* stamp = nu
   for (int j = a + static_cast<int>(threadIdx.x); j < e; j += blockDim.x) {
     const bool inside = !((a > s0 && j - half < a) || (e < p.P && j + half >= e));
     if (inside) sum_a += pooled_at<false>(raw, j, s0, p.P, half, avg, p.kernel);
+    float kn = 0.0f, dot = 0.0f;
+    if (p.kn_pass1) {  // pass 1's squared key norms -> norms, pass 2's k·m -> k̂·m, in place
+      kn = sqrtf(knorm[j]);
+      knorm[j] = kn;
+      if (p.km_rows) {
+        dot = sdot[j] / fmaxf(kn, 1e-12f);
+        sdot[j] = dot;
+      }
+    }
 #pragma unroll
     for (int s = 0; s < 3; ++s) {
       if (!need[s]) continue;
-      const float x = sign[s] * sig[s][j];
+      const float x = sign[s] * (p.kn_pass1 && s > 0 ? (s == 1 ? kn : dot) : sig[s][j]);
       if (cnt == 0) ref[s] = x;
       lo[s] = fminf(lo[s], x), hi[s] = fmaxf(hi[s], x), rel[s] += x - ref[s];
     }
@@ -1310,9 +1326,12 @@ __device__ __forceinline__ void tma_tile(const Params<T>& p, const CUtensorMap* 
 // Unit-key sums of a tensor-map key tile (tma_tile's layout) on the CUDA cores, spread evenly over the
 // block's NC threads: thread tid adds dims 8 · (tid % 16) .. + 7 of keys tid / 16 + q · NC / 16 of the tile,
 // each divided by its norm (the 16 lanes of a key add up its squared norm by shuffles), into us. Zero keys
-// (zero-filled rows) add nothing.
-template <typename T, int NC>
-__device__ __forceinline__ void tile_unit_sums(const T* tile, int tid, float (&us)[8]) {
+// (zero-filled rows) add nothing. With kKn, the squared norm of each key j0 + i of the prefix columns
+// [s0, P) goes to knorm (the row's column 0; pass2_finish takes the roots). (Storing them after the tile's
+// statistics instead was slower: pass 1 34.0 against 32.7 us at 32k.)
+template <typename T, int NC, bool kKn = false>
+__device__ __forceinline__ void tile_unit_sums(const T* tile, int tid, float (&us)[8], float* knorm = nullptr,
+                                               int j0 = 0, int s0 = 0, int P = 0) {
   constexpr int kKeys = NC / 16;  // keys per round (the last round of 3 warpgroups is partial)
   const int dg = tid & 15, kr = tid >> 4;
 #pragma unroll
@@ -1323,12 +1342,16 @@ __device__ __forceinline__ void tile_unit_sums(const T* tile, int tid, float (&u
     float n0 = x[0] * x[0], n1 = x[1] * x[1];
 #pragma unroll
     for (int i = 2; i < 8; i += 2) n0 = fmaf(x[i], x[i], n0), n1 = fmaf(x[i + 1], x[i + 1], n1);
-    float n2 = n0 + n1;
+    float sq = n0 + n1;
 #pragma unroll
-    for (int o = 1; o < 16; o <<= 1) n2 += __shfl_xor_sync(0xffffffffu, n2, o);
-    const float inv = rsqrtf(fmaxf(n2, 1e-24f));
+    for (int o = 1; o < 16; o <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    const float inv = rsqrtf(fmaxf(sq, 1e-24f));
 #pragma unroll
     for (int i = 0; i < 8; ++i) us[i] = fmaf(x[i], inv, us[i]);
+    if constexpr (kKn) {
+      const int j = j0 + kr + q * kKeys;
+      if (dg == 0 && (kTile % kKeys == 0 || kr + q * kKeys < kTile) && j >= s0 && j < P) knorm[j] = sq;
+    }
   }
 }
 
@@ -1428,7 +1451,7 @@ __device__ __forceinline__ void refill_ring(int it, int ntiles, int& issued, uin
   }
 }
 
-template <typename T, int NW, bool kTma>
+template <typename T, int NW, bool kTma, bool kKn = false>  // kKn (with kTma): key norms out (Params::kn_pass1)
 __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, const __grid_constant__ CUtensorMap kmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int S = kW1Stages, L = kW1Lag, C = kW1Cols, NC = NW * 128;
@@ -1519,7 +1542,7 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
         // Unit-key sums while the wgmma runs: with kTma by every thread on the CUDA cores; else the tile's
         // four 16-key slabs go to the four warps of warpgroup it % NW (tensor cores, blocked layout).
         if constexpr (kTma) {
-          tile_unit_sums<T, NC>(ktile, tid, tus);
+          tile_unit_sums<T, NC, kKn>(ktile, tid, tus, p.knorm + int64_t(bh) * p.P, j0, s0, p.P);
         } else if (it % NW == wg) {
           const T* slab = ktile + wq * 16 * C;  // 16 rows = two row groups of C · 8 elements
           float us[C / 16][4];
@@ -1742,13 +1765,41 @@ __global__ void __launch_bounds__(NW * 128, 1)
         if (st.x != -INFINITY && st.y > 0.0f) cr[e] = st.x + log2f(st.y);
       }
     }
+    // With km_rows the first warp past the packed rows (all its rows spare) multiplies the keys by the
+    // mean key instead of query rows: rows 0 and 8 of its strip hold the high and middle bfloat16 parts
+    // of m·2^10, row 1 the low part (about 24 significant bits in all), so lanes g8 = 0 end with
+    // hi + mid and lanes g8 = 1 with the low part of every key's k·m.
+    const bool km_warp = p.km_rows && warp == p.strips;
+    if (km_warp) {
+      const float* mv = p.mvec + int64_t(bh) * p.Dp;
+#pragma unroll
+      for (int ks = 0; ks < C / 16; ++ks)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int c = 16 * ks + 8 * hf + 2 * t4;
+          T part[3][2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float x = c + e < p.Dp ? mv[c + e] * kMScale : 0.0f;
+            part[0][e] = from_float<T>(x);
+            const float r1 = x - to_float(part[0][e]);
+            part[1][e] = from_float<T>(r1);
+            part[2][e] = from_float<T>(r1 - to_float(part[1][e]));
+          }
+          const uint32_t hi = score_detail::pack_pair(part[0][0], part[0][1]);
+          const uint32_t mid = score_detail::pack_pair(part[1][0], part[1][1]);
+          const uint32_t lo = score_detail::pack_pair(part[2][0], part[2][1]);
+          qa[ks][2 * hf] = g8 == 0 ? hi : (g8 == 1 ? lo : 0u);
+          qa[ks][2 * hf + 1] = g8 == 0 ? mid : 0u;
+        }
+    }
     __syncthreads();  // mfrag written
     const float s2 = p.scale2;
     const bool rows = warp < p.strips;  // the warp holds packed rows (else its probabilities are all 0)
     const int strips_per_head = p.Wp / 16;
     const int64_t col0 = int64_t(bh) * p.P;
     // slab tasks: 0 keys (norms and k̂·m, when the method uses either), 4 values (norms, when it uses them)
-    const int task_first = p.need_kn || p.need_d ? 0 : 4, task_end = need_v ? 8 : 4;
+    const int task_first = (p.need_kn || p.need_d) && !p.kn_pass1 ? 0 : 4, task_end = need_v ? 8 : 4;
     // this lane's ldmatrix row address inside a 16-key slab (row ((lane >> 3) & 1) · 8 + (lane & 7), piece
     // lane >> 4)
     const int noff = wgmma_detail::blocked_offset(((lane >> 3) & 1) * 8 + (lane & 7), 8 * (lane >> 4), C);
@@ -1835,6 +1886,19 @@ __global__ void __launch_bounds__(NW * 128, 1)
         *reinterpret_cast<float2*>(colbuf + (cb * NWARP + warp) * kTile + 8 * g8 + 2 * t4) = make_float2(v[0], v[1]);
       }
       ring_detail::mbar_arrive(cfull + cb);
+      if (km_warp) {
+        // k·m of the tile's keys 8jj + 2t4 + e (after the arrival: the storer need not wait for these stores):
+        // lanes g8 = 0 add the low part from lane + 4
+        float* sd = p.sdot + col0;
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float low = __shfl_down_sync(0xffffffffu, acc[4 * jj + e], 4);
+            const int j = j0 + 8 * jj + 2 * t4 + e;
+            if (g8 == 0 && j >= s0 && j < p.P) sd[j] = (acc[4 * jj + e] + acc[4 * jj + 2 + e] + low) * (1.0f / kMScale);
+          }
+      }
     }
     stamp.at(5);
     if (wg == column_storer<NW>(ntiles - 1)) store_columns(ntiles - 1);
@@ -2130,6 +2194,12 @@ void launch_pass1_wgmma(Params<T> p, const Dims& d, const TileMaps& maps, int de
   const dim3 grid(static_cast<unsigned>(p.chunks1), static_cast<unsigned>(d.B * d.Hkv));
   if (maps.keys) {
     static std::atomic<int64_t> granted[64];
+    if (p.kn_pass1) {
+      static std::atomic<int64_t> granted_kn[64];
+      allow_smem(pass1_wgmma_kernel<T, NW, true, true>, smem, device, granted_kn);
+      launch(pass1_wgmma_kernel<T, NW, true, true>, grid, NW * 128, smem, stream, false, p, maps.k);
+      return;
+    }
     allow_smem(pass1_wgmma_kernel<T, NW, true>, smem, device, granted);
     launch(pass1_wgmma_kernel<T, NW, true>, grid, NW * 128, smem, stream, false, p, maps.k);
   } else {
@@ -2178,6 +2248,12 @@ bool launch_passes_mma(Params<T> p, const Dims& d, int device, bool pdl, cudaStr
   const bool wgmma2 = DK == 128 && use_wgmma_pass2(d, device);
   TileMaps maps{};
   if (wgmma1 || wgmma2) encode_tile_maps(p, d, maps);
+  // Key signals without pass 2's key slabs: both warpgroup passes on tensor-map tiles, and for k·m a
+  // warp of spare rows (packed rows short of the warpgroups' 64 · NW). MIXKV_SCORE_KM=0 keeps the slabs.
+  const int64_t nw_rows = cdiv(d.Rp, 64) * 64;
+  p.kn_pass1 = wgmma1 && wgmma2 && maps.keys && maps.both && (p.need_kn || p.need_d) &&
+               (!p.need_d || d.Rp + 16 <= nw_rows) && env_int("MIXKV_SCORE_KM", 1) == 1;
+  p.km_rows = p.kn_pass1 && p.need_d;
   if constexpr (DK == 128 && std::is_same_v<T, __nv_bfloat16>) {
     if (wgmma1) launch_pass1_wgmma_rows(p, d, maps, device, stream);
   }
@@ -2252,6 +2328,7 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.need_v = o.method == Method::vnorm || o.method == Method::uniform_mix || o.method == Method::mixkv;
   p.need_kn = o.method == Method::knorm;
   p.need_d = o.method == Method::keydiff || o.method == Method::uniform_mix || o.method == Method::mixkv;
+  p.kn_pass1 = p.km_rows = false;
   require(int64_t(d.Rp) * d.chunks1 < (int64_t(1) << 31), "score: shape too large");
 
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);

@@ -33,6 +33,7 @@ struct SelectArgs {
   int32_t* counts;
   int64_t n_b, n_h;
   int H, P, C;
+  int span;  // cluster_cut's span step (csel::span_mode)
 };
 
 // One cluster of G blocks per (b, h) row; block r of the cluster holds positions
@@ -53,7 +54,7 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
   const int cap = a.caps[b * a.c_b + h * a.c_h];  // in flight while the keys load
   const auto key_at = csel::row_keys<kCached>(src, n_local, cached_keys);
   const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(a.P, a.C)));
-  const csel::Cut cut = csel::cluster_cut(key_at, kCached ? cached_keys : nullptr, n_local, c, sh);
+  const csel::Cut cut = csel::cluster_cut(key_at, kCached ? cached_keys : nullptr, n_local, c, sh, a.span);
   if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on
   csel::emit_in_order(key_at, n_local, cut, sh, [&](uint32_t slot, int i) { out[slot] = lo + i; });
   const int stride = G * static_cast<int>(blockDim.x);
@@ -80,7 +81,7 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
   SelectArgs a{scores.ptr<float>(), scores.stride[0], scores.stride[1], capacities.ptr<int32_t>(),
                capacities.stride[0], capacities.stride[1], positions.ptr<int32_t>(), positions.stride[0],
                positions.stride[1], counts.ptr<int32_t>(), counts.stride[0], counts.stride[1],
-               static_cast<int>(H), static_cast<int>(P), static_cast<int>(C)};
+               static_cast<int>(H), static_cast<int>(P), static_cast<int>(C), csel::span_mode()};
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const csel::RowClusters plan = csel::plan_row_clusters(rows, P, scores.device_id, "select", sizeof(csel::Shared));
   if (plan.cached) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of the CUDA sources on the GPU in one call: builds the working tree and a reference tree whose
 # cuda/ comes from ab_ref/cuda (e.g. `git archive HEAD cuda | tar -x -C ab_ref`), both in place for
-# sm_90a in parallel, runs the scoring CUDA tests on the working tree, then profile_score (and with
+# sm_90a in parallel, runs the scoring CUDA tests (or those of TESTS) on the working tree, then profile_score (and with
 # BENCH=1 bench_compress) on both, interleaved REPEATS times. Results under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ build "$ref" "$OUT/build_ref.log" & pr=$!
 wait $pn || exit 1
 wait $pr || exit 1
 echo "[$(( $(date +%s) - t0 )) s] built"
-PYTHONPATH=python timeout 240 python3 -m pytest tests/test_scores.py -m cuda -q -x -o addopts="" -p no:cacheprovider 2>&1 | tail -3
+PYTHONPATH=python timeout 300 python3 -m pytest ${TESTS:-tests/test_scores.py} -m cuda -q -x -o addopts="" -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests_new.txt" | tail -3
 for r in $(seq "${REPEATS:-2}"); do
   for side in new ref; do
     path=$PWD/python; [ "$side" = ref ] && path=$ref/python
@@ -36,4 +36,7 @@ for r in $(seq "${REPEATS:-2}"); do
     fi
   done
 done
+if [ "${TIMELINE:-0}" = 1 ]; then
+  PYTHONPATH=python timeout 120 python3 benchmarks/profile_compress.py --timeline --out "$OUT/timeline_new.json" 2>&1 | grep -v -i warn | tail -40
+fi
 echo "[$(( $(date +%s) - t0 )) s] done"

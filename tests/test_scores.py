@@ -282,6 +282,19 @@ def test_scores_match_reference_mma_pass1(monkeypatch: pytest.MonkeyPatch, case:
         check_case("cuda", case)
 
 
+# On sm_90 with tensor-map tiles pass 1 writes the key norms and pass 2 takes k·m from spare query rows
+# that hold the mean key (where the packed rows leave a warp free); MIXKV_SCORE_KM=0 keeps pass 2's key
+# slabs (norms and k̂·m on the tensor cores), the path of shapes without spare rows.
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+@given(case=cases())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_scores_match_reference_key_slabs(monkeypatch: pytest.MonkeyPatch, case: dict) -> None:
+    with monkeypatch.context() as m:
+        m.setenv("MIXKV_SCORE_KM", "0")
+        check_case("cuda", case)
+
+
 # On sm_90 both warpgroup-MMA passes copy key (and value) tiles by tensor map; MIXKV_SCORE_TMA=0 takes their
 # cp.async copies (the path where the driver cannot encode a map), here with pass 2 on warpgroup MMA.
 @pytest.mark.cuda

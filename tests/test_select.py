@@ -231,3 +231,24 @@ def test_every_launch_shape(device: str, max_cluster: str | None, monkeypatch: p
     caps[:, 1] = 2000
     caps[:, 2] = 0
     check(scores, caps, device, 0)
+
+
+@pytest.mark.parametrize("span", ["1", "0"])
+@pytest.mark.parametrize("max_cluster", [None, "1"])
+def test_narrow_key_spans(device: str, max_cluster: str | None, span: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The radix passes start at the highest bit in which a row's keys differ (MIXKV_SELECT_SPAN=0 on
+    # CUDA: at bit 31): rows whose finite scores are all equal, differ only in their last bit, share
+    # everything but the sign, or span the whole range, in one block and in clusters.
+    monkeypatch.setenv("MIXKV_SELECT_SPAN", span)
+    if max_cluster is not None:
+        monkeypatch.setenv("MIXKV_SELECT_MAX_CLUSTER", max_cluster)
+    gen = torch.Generator().manual_seed(31)
+    for p in (3000, 9000):
+        scores = torch.full((1, 5, p), 0.3)
+        scores[0, 0, : p // 5] = NEG_INF  # all equal behind padding
+        scores[0, 1, ::7] = torch.nextafter(torch.tensor(0.3), torch.tensor(1.0))  # last bit only
+        scores[0, 2, 1::3] = -0.3  # sign only
+        scores[0, 3] = torch.randn(p, generator=gen) * torch.logspace(-30, 30, p)  # every exponent
+        scores[0, 4] = NEG_INF
+        scores[0, 4, p - 1] = 2.0  # a single finite score
+        check(scores, torch.tensor([[100, 1000, p // 2, 77, 5]]), device, 1)

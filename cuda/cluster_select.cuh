@@ -277,13 +277,11 @@ __device__ void cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, c
   // maximum differ: the passes start there (scores of one row usually share their sign and most of
   // their exponent, which a first digit on the top eight bits would spend a pass, and one shared
   // atomic address per key, on).
+  __syncthreads();  // the buffers are clear and the keys the caller cached are visible to every thread
   uint32_t common = 0u;
   int top = 31;  // without the span step: every pass from the top bit
-  if (span == kSpanAuto ? G <= kSpanMaxBlocks : span != 0) {
+  if (span == kSpanAuto ? G <= kSpanMaxBlocks : span != 0)
     top = row_span_top(key_at, cached, n_local, sh, cluster, G, common);
-  } else {
-    __syncthreads();  // the buffers are clear
-  }
   uint32_t mask = top == 31 ? 0u : ~((2u << top) - 1u);
 #pragma unroll
   for (int q = 0; q < NT; ++q) prefix[q] = common;

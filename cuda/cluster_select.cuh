@@ -186,6 +186,27 @@ __device__ __forceinline__ Digit warp_find(const WarpBins& w, uint32_t want) {
   return d;
 }
 
+// Calls f(key) for each of the block's n_local keys, spread over its threads: from `cached` four at a
+// time (16-byte shared loads) when set, else through key_at.
+template <typename KeyAt, typename F>
+__device__ __forceinline__ void for_each_key(KeyAt key_at, const uint32_t* cached, int n_local, F& f) {
+  const int tid = threadIdx.x;
+  if (cached != nullptr) {
+    const int n4 = n_local >> 2;
+    const uint4* k4 = reinterpret_cast<const uint4*>(cached);
+    for (int i = tid; i < n4; i += blockDim.x) {
+      const uint4 v = k4[i];
+      f(v.x);
+      f(v.y);
+      f(v.z);
+      f(v.w);
+    }
+    for (int i = 4 * n4 + tid; i < n_local; i += blockDim.x) f(cached[i]);
+  } else {
+    for (int i = tid; i < n_local; i += blockDim.x) f(key_at(i));
+  }
+}
+
 // The highest bit in which the row's keys above -inf differ (0 when they are all equal, and any value
 // when there are none: the caller's first histogram then counts nothing), and in `common` the bits
 // above it that they all share. Each block folds its chunk's minimum and maximum; the blocks exchange
@@ -198,20 +219,7 @@ __device__ __forceinline__ int row_span_top(KeyAt key_at, const uint32_t* cached
   auto see = [&](uint32_t k) {
     if (k > kNegInfKey) lo = min(lo, k), hi = max(hi, k);
   };
-  if (cached != nullptr) {
-    const int n4 = n_local >> 2;
-    const uint4* k4 = reinterpret_cast<const uint4*>(cached);
-    for (int i = tid; i < n4; i += blockDim.x) {
-      const uint4 v = k4[i];
-      see(v.x);
-      see(v.y);
-      see(v.z);
-      see(v.w);
-    }
-    for (int i = 4 * n4 + tid; i < n_local; i += blockDim.x) see(cached[i]);
-  } else {
-    for (int i = tid; i < n_local; i += blockDim.x) see(key_at(i));
-  }
+  for_each_key(key_at, cached, n_local, see);
   lo = __reduce_min_sync(0xFFFFFFFFu, lo);
   hi = __reduce_max_sync(0xFFFFFFFFu, hi);
   if (lane == 0) sh.warp_g[warp] = lo, sh.warp_e[warp] = hi;
@@ -307,20 +315,7 @@ __device__ void cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, c
           return;  // prefixes of built slots differ: a key counts once
         }
     };
-    if (cached != nullptr) {
-      const int n4 = n_local >> 2;
-      const uint4* k4 = reinterpret_cast<const uint4*>(cached);
-      for (int i = tid; i < n4; i += blockDim.x) {
-        const uint4 v = k4[i];
-        count(v.x);
-        count(v.y);
-        count(v.z);
-        count(v.w);
-      }
-      for (int i = 4 * n4 + tid; i < n_local; i += blockDim.x) count(cached[i]);
-    } else {
-      for (int i = tid; i < n_local; i += blockDim.x) count(key_at(i));
-    }
+    for_each_key(key_at, cached, n_local, count);
     row_sync(cluster, G);  // every block's histograms of this pass are complete
     for (int i = tid; i < NT * kBins; i += blockDim.x) (&sh.hist[(pass + 2) % 3][0][0])[i] = 0u;
     if (G > 1) {

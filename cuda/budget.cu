@@ -15,6 +15,8 @@
 #include "device_guard.cuh"
 #include "pdl.cuh"
 #include "mixkv/budget.hpp"
+#include "mixkv/capacities_select.hpp"
+#include "mixkv/select.hpp"
 #include "mixkv/error.hpp"
 #include "cluster_select.cuh"
 #include "radix_select.cuh"
@@ -118,14 +120,8 @@ __host__ __device__ inline std::size_t align256(std::size_t x) { return (x + 255
 // One cluster per (b, h) row: the row's top m scores and, with normalize (NT = 2), the float64 sums
 // of all its valid scores and of its top base ones (a second cut of the same passes), per block.
 template <bool kCached, int NT>
-__global__ void __launch_bounds__(512, 1) adakv_top_kernel(BudgetArgs a, AdaWork w) {
-  cuda_detail::grid_dep_wait();  // the previous kernel's results (pdl.cuh)
-  cuda_detail::grid_dep_launch();
-  extern __shared__ uint32_t cached_keys[];
-  __shared__ csel::SharedT<NT> sh;
-  csel::Cluster cluster = csel::this_cluster();
-  const int G = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
-  const int row = static_cast<int>(blockIdx.x) / G;
+__device__ __forceinline__ void adakv_top_row(const BudgetArgs& a, const AdaWork& w, int row, const csel::Cluster& cluster,
+                                              int G, int rank, uint32_t* cached_keys, csel::SharedT<NT>& sh) {
   const int b = row / a.H;
   const int h = row % a.H;
   const int64_t pb64 = prefix_of(a, b);
@@ -165,6 +161,79 @@ __global__ void __launch_bounds__(512, 1) adakv_top_kernel(BudgetArgs a, AdaWork
   float* cand = w.candidates + static_cast<int64_t>(row) * w.stride;
   csel::emit_in_order(key_at, n_local, cut[0], sh, [&](uint32_t slot, int i) { cand[slot] = rx::key_value(key_at(i)); });
   if (G > 1) cluster.barrier_wait();
+}
+
+template <bool kCached, int NT>
+__global__ void __launch_bounds__(512, 1) adakv_top_kernel(BudgetArgs a, AdaWork w) {
+  cuda_detail::grid_dep_wait();  // the previous kernel's results (pdl.cuh)
+  cuda_detail::grid_dep_launch();
+  extern __shared__ uint32_t cached_keys[];
+  __shared__ csel::SharedT<NT> sh;
+  csel::Cluster cluster = csel::this_cluster();
+  const int G = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  adakv_top_row<kCached, NT>(a, w, static_cast<int>(blockIdx.x) / G, cluster, G, rank, cached_keys, sh);
+}
+
+// The selection side of the fused capacities + selection (AdaKV): every (b, h) row's top m selection
+// scores, m = min(Hkv * base, P) >= every capacity AdaKV can give, as candidates (positions ascending,
+// order keys), and -1 in the output columns from m on, which no capacity reaches.
+struct CandWork {
+  const float* scores;
+  int64_t s_b, s_h;
+  int32_t* positions;  // the caller's output
+  int64_t p_b, p_h;
+  int C;
+  uint32_t* count;  // [B * H]: candidates per row (min(m, scores above -inf))
+  int32_t* pos;     // [B * H, m]
+  uint32_t* key;    // [B * H, m]
+  int m;
+};
+
+template <bool kCached>
+__device__ __forceinline__ void candidate_row(const BudgetArgs& a, const CandWork& c, int row, const csel::Cluster& cluster,
+                                              int G, int rank, uint32_t* cached_keys, csel::Shared& sh) {
+  const int b = row / a.H, h = row % a.H;
+  const int chunk = (a.P + G - 1) / G;
+  const int lo = min(rank * chunk, a.P), n_local = min(lo + chunk, a.P) - lo;
+  const auto key_at = csel::row_keys<kCached>(c.scores + b * c.s_b + h * c.s_h + lo, n_local, cached_keys);
+  const csel::Cut cut =
+      csel::cluster_cut(key_at, kCached ? cached_keys : nullptr, n_local, static_cast<uint32_t>(c.m), sh, a.span);
+  if (G > 1) cluster.barrier_arrive();  // this block reads no other block's memory from here on
+  int32_t* cpos = c.pos + static_cast<int64_t>(row) * c.m;
+  uint32_t* ckey = c.key + static_cast<int64_t>(row) * c.m;
+  csel::emit_in_order(key_at, n_local, cut, sh, [&](uint32_t slot, int i) {
+    cpos[slot] = lo + i;
+    ckey[slot] = key_at(i);
+  });
+  int32_t* out = c.positions + b * c.p_b + h * c.p_h;
+  const int stride = G * static_cast<int>(blockDim.x);
+  for (int i = c.m + rank * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x); i < c.C; i += stride) out[i] = -1;
+  if (rank == 0 && threadIdx.x == 0) c.count[row] = cut.take;
+  if (G > 1) cluster.barrier_wait();
+}
+
+template <int NT>
+union TopCandShared {
+  csel::SharedT<NT> top;
+  csel::Shared cand;
+};
+
+// Clusters [0, B * H) of the grid: adakv_top_row; clusters [B * H, 2 B * H): candidate_row. Both
+// halves read rows of P scores, so they share the launch shape and run side by side.
+template <bool kCached, int NT>
+__global__ void __launch_bounds__(512, 1) adakv_top_candidates_kernel(BudgetArgs a, AdaWork w, CandWork c) {
+  cuda_detail::grid_dep_wait();  // the previous kernel's results (pdl.cuh)
+  cuda_detail::grid_dep_launch();
+  extern __shared__ uint32_t cached_keys[];
+  __shared__ TopCandShared<NT> sh;
+  csel::Cluster cluster = csel::this_cluster();
+  const int G = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  const int index = static_cast<int>(blockIdx.x) / G, cells = a.B * a.H;
+  if (index < cells) {
+    adakv_top_row<kCached, NT>(a, w, index, cluster, G, rank, cached_keys, sh.top);
+  } else {
+    candidate_row<kCached>(a, c, index - cells, cluster, G, rank, cached_keys, sh.cand);
+  }
 }
 
 // Shared-memory arrays of adakv_alloc_kernel ahead of its cached keys, H heads.
@@ -308,18 +377,102 @@ __global__ void __launch_bounds__(512) adakv_alloc_kernel(BudgetArgs a, AdaWork 
   if (G > 1) cluster.barrier_wait();  // the others may read this block's memory until they arrive
 }
 
+// The last step of the fused capacities + selection: each (b, h) row keeps the top c of its m
+// candidates (c from adakv_alloc_kernel, clamped to [0, min(P, C)] like select's), positions ascending,
+// then -1 up to column m (candidate_row wrote the columns past m). Candidates sit in position order, so
+// "lower position" is "lower index" here.
+struct PickArgs {
+  const int32_t* caps;
+  int64_t c_b, c_h;
+  const uint32_t* count;
+  const int32_t* pos;
+  const uint32_t* key;
+  int m;
+  int32_t* positions;
+  int64_t p_b, p_h;
+  int C;
+  int32_t* counts;
+  int64_t n_b, n_h;
+  int H, P;
+  int span;
+};
+
+constexpr int kPickRankMax = 256;  // up to this many candidates per row: each thread ranks one
+
+__device__ __forceinline__ uint32_t pick_take(const PickArgs& p, int b, int h, uint32_t n) {
+  const int cap = p.caps[b * p.c_b + h * p.c_h];
+  const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(p.P, p.C)));
+  return c < n ? c : n;
+}
+
+// m <= kPickRankMax, one block of kPickRankMax threads per row: thread i counts the candidates ranked
+// above its own (higher key, or equal key at a lower index) and keeps it when that count is below c.
+__global__ void __launch_bounds__(kPickRankMax) pick_rank_kernel(PickArgs p) {
+  cuda_detail::grid_dep_wait();  // the capacities and candidates of the kernels before (pdl.cuh)
+  cuda_detail::grid_dep_launch();
+  __shared__ __align__(16) uint32_t keys[kPickRankMax];
+  __shared__ uint32_t warp_n[kPickRankMax / 32];
+  const int row = static_cast<int>(blockIdx.x), b = row / p.H, h = row % p.H;
+  const int i = static_cast<int>(threadIdx.x), lane = i & 31, warp = i >> 5;
+  const uint32_t n = min(p.count[row], static_cast<uint32_t>(p.m));
+  const uint32_t take = pick_take(p, b, h, n);
+  const int64_t at = static_cast<int64_t>(row) * p.m + i;
+  const bool valid = static_cast<uint32_t>(i) < n;
+  // entries past n hold 0, below every candidate's key (kNegInfKey and above): they never rank above
+  const uint32_t mine = valid ? p.key[at] : 0u;
+  keys[i] = mine;
+  __syncthreads();
+  uint32_t above = 0;
+  const int n4 = static_cast<int>((n + 3) / 4);
+  for (int j4 = 0; j4 < n4; ++j4) {
+    const uint4 k = reinterpret_cast<const uint4*>(keys)[j4];
+    const int j = 4 * j4;
+    above += (k.x > mine || (k.x == mine && j < i)) ? 1u : 0u;
+    above += (k.y > mine || (k.y == mine && j + 1 < i)) ? 1u : 0u;
+    above += (k.z > mine || (k.z == mine && j + 2 < i)) ? 1u : 0u;
+    above += (k.w > mine || (k.w == mine && j + 3 < i)) ? 1u : 0u;
+  }
+  const bool keep = valid && above < take;
+  const unsigned ballot = __ballot_sync(0xFFFFFFFFu, keep);
+  if (lane == 0) warp_n[warp] = static_cast<uint32_t>(__popc(ballot));
+  __syncthreads();
+  uint32_t before = static_cast<uint32_t>(__popc(ballot & ((1u << lane) - 1u)));
+  for (int v = 0; v < warp; ++v) before += warp_n[v];
+  int32_t* out = p.positions + b * p.p_b + h * p.p_h;
+  if (keep) out[before] = p.pos[at];
+  const int end = min(p.m, p.C);
+  for (int j = static_cast<int>(take) + i; j < end; j += static_cast<int>(blockDim.x)) out[j] = -1;
+  if (i == 0) p.counts[b * p.n_b + h * p.n_h] = static_cast<int32_t>(take);
+}
+
+// m > kPickRankMax (at most csel::kKeysPerBlock), one block per row: a one-block radix cut over the
+// row's candidates held in shared memory.
+__global__ void __launch_bounds__(512) pick_radix_kernel(PickArgs p) {
+  cuda_detail::grid_dep_wait();  // the capacities and candidates of the kernels before (pdl.cuh)
+  cuda_detail::grid_dep_launch();
+  extern __shared__ __align__(16) uint32_t cand_keys[];
+  __shared__ csel::Shared sh;
+  const int row = static_cast<int>(blockIdx.x), b = row / p.H, h = row % p.H;
+  const uint32_t n = min(p.count[row], static_cast<uint32_t>(p.m));
+  const uint32_t take = pick_take(p, b, h, n);
+  const int64_t first = static_cast<int64_t>(row) * p.m;
+  for (int i = static_cast<int>(threadIdx.x); i < static_cast<int>(n); i += static_cast<int>(blockDim.x))
+    cand_keys[i] = p.key[first + i];
+  const csel::RowKeys<true> key_at{nullptr, cand_keys};
+  const csel::Cut cut = csel::cluster_cut(key_at, cand_keys, static_cast<int>(n), take, sh, p.span);
+  int32_t* out = p.positions + b * p.p_b + h * p.p_h;
+  csel::emit_in_order(key_at, static_cast<int>(n), cut, sh, [&](uint32_t slot, int i) { out[slot] = p.pos[first + i]; });
+  const int end = min(p.m, p.C);
+  for (int j = static_cast<int>(cut.take + threadIdx.x); j < end; j += static_cast<int>(blockDim.x)) out[j] = -1;
+  if (threadIdx.x == 0) p.counts[b * p.n_b + h * p.n_h] = static_cast<int32_t>(cut.take);
+}
+
 }  // namespace
 
-namespace cuda {
+namespace {
 
-void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& valid_lengths,
-                const Tensor& head_scores, const Tensor& out, const Tensor& workspace, std::uintptr_t stream) {
-  const int64_t B = importance.shape[0], H = importance.shape[1], P = importance.shape[2];
-  if (B * H == 0) return;
-  require(B * H <= 0x7FFFFFFF && P <= (int64_t{1} << 30), "capacities: importance is too large for CUDA");
-  require(o.policy != Policy::adakv || H * P <= (int64_t{1} << 30),
-          "capacities: adakv on CUDA needs Hkv * P <= 2^30");
-  cuda_detail::DeviceGuard guard(importance.device_id);
+BudgetArgs budget_args(const BudgetOptions& o, const Tensor& importance, const Tensor& valid_lengths,
+                       const Tensor& head_scores, const Tensor& out) {
   BudgetArgs a{};
   a.imp = importance.ptr<float>();
   a.i_b = importance.stride[0];
@@ -331,9 +484,9 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   a.out = out.ptr<int32_t>();
   a.o_b = out.stride[0];
   a.o_h = out.stride[1];
-  a.B = static_cast<int>(B);
-  a.H = static_cast<int>(H);
-  a.P = static_cast<int>(P);
+  a.B = static_cast<int>(importance.shape[0]);
+  a.H = static_cast<int>(importance.shape[1]);
+  a.P = static_cast<int>(importance.shape[2]);
   a.base = o.budget > o.window ? o.budget - o.window : 0;
   a.window = o.window;
   a.layer_idx = o.layer_idx;
@@ -345,12 +498,86 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
   a.normalize = o.ada_normalize;
   a.skip = o.ada_skip;
   a.span = csel::span_mode();
+  return a;
+}
+
+void check_sizes(const Tensor& importance, const BudgetOptions& o) {
+  const int64_t B = importance.shape[0], H = importance.shape[1], P = importance.shape[2];
+  require(B * H <= 0x7FFFFFFF && P <= (int64_t{1} << 30), "capacities: importance is too large for CUDA");
+  require(o.policy != Policy::adakv || H * P <= (int64_t{1} << 30),
+          "capacities: adakv on CUDA needs Hkv * P <= 2^30");
+}
+
+// The capacities workspace (capacities_workspace_bytes) carved into AdaKV's arrays.
+AdaWork ada_work(const Tensor& workspace, const BudgetArgs& a) {
+  require(workspace.present, "capacities: adakv needs a workspace on CUDA");
+  auto* ws = static_cast<unsigned char*>(workspace.data);
+  const std::size_t cells = static_cast<std::size_t>(a.B) * static_cast<std::size_t>(a.H);
+  AdaWork w{};
+  const std::size_t parts_bytes = align256(16 * csel::kMaxCluster * cells);
+  w.parts = reinterpret_cast<double*>(ws);
+  w.counts = reinterpret_cast<uint32_t*>(ws + parts_bytes);
+  w.candidates = reinterpret_cast<float*>(ws + parts_bytes + align256(4 * cells));
+  w.stride = static_cast<int>(std::min<int64_t>(a.base * a.H, a.P));
+  return w;
+}
+
+// One cluster per sequence over its H * stride candidates (adakv_alloc_kernel).
+void launch_alloc(const BudgetArgs& a, const AdaWork& w, int device, cudaStream_t s) {
+  const csel::RowClusters alloc = csel::plan_row_clusters(a.B, static_cast<int64_t>(a.H) * w.stride, device, "capacities",
+                                                          sizeof(csel::Shared), AllocLayout(a.H).bytes);
+  if (alloc.cached) {
+    csel::launch_row_clusters(alloc, s, adakv_alloc_kernel<true>, a, w, alloc.chunk);
+  } else {
+    csel::launch_row_clusters(alloc, s, adakv_alloc_kernel<false>, a, w, alloc.chunk);
+  }
+  MIXKV_CUDA_CHECK_LAUNCH();
+}
+
+template <int NT>
+void launch_top(const BudgetArgs& a, AdaWork& w, int device, cudaStream_t s) {
+  const csel::RowClusters top = csel::plan_row_clusters(static_cast<int64_t>(a.B) * a.H, a.P, device, "capacities",
+                                                        sizeof(csel::SharedT<NT>));
+  w.top_blocks = top.G;
+  if (top.cached) {
+    csel::launch_row_clusters(top, s, adakv_top_kernel<true, NT>, a, w);
+  } else {
+    csel::launch_row_clusters(top, s, adakv_top_kernel<false, NT>, a, w);
+  }
+  MIXKV_CUDA_CHECK_LAUNCH();
+}
+
+template <int NT>
+void launch_top_candidates(const BudgetArgs& a, AdaWork& w, const CandWork& c, int device, cudaStream_t s) {
+  const csel::RowClusters plan = csel::plan_row_clusters(2 * static_cast<int64_t>(a.B) * a.H, a.P, device,
+                                                         "capacities_select", sizeof(TopCandShared<NT>));
+  w.top_blocks = plan.G;
+  if (plan.cached) {
+    csel::launch_row_clusters(plan, s, adakv_top_candidates_kernel<true, NT>, a, w, c);
+  } else {
+    csel::launch_row_clusters(plan, s, adakv_top_candidates_kernel<false, NT>, a, w, c);
+  }
+  MIXKV_CUDA_CHECK_LAUNCH();
+}
+
+static_assert(kFusedMaxCandidates <= csel::kKeysPerBlock, "the last step holds a row's candidates in one block");
+
+}  // namespace
+
+namespace cuda {
+
+void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& valid_lengths,
+                const Tensor& head_scores, const Tensor& out, const Tensor& workspace, std::uintptr_t stream) {
+  const int64_t B = importance.shape[0], H = importance.shape[1];
+  if (B * H == 0) return;
+  check_sizes(importance, o);
+  cuda_detail::DeviceGuard guard(importance.device_id);
+  const BudgetArgs a = budget_args(o, importance, valid_lengths, head_scores, out);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const int64_t cells = B * H;
   const bool ranks = o.policy == Policy::adakv && o.layer_idx >= o.ada_skip;
   if (!ranks) {
     cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(static_cast<unsigned>((cells + 127) / 128));
+    cfg.gridDim = dim3(static_cast<unsigned>((B * H + 127) / 128));
     cfg.blockDim = dim3(128);
     cfg.stream = s;
     cudaLaunchAttribute attr[1] = {cuda_detail::pdl_attribute()};
@@ -360,40 +587,71 @@ void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& 
     MIXKV_CUDA_CHECK_LAUNCH();
     return;
   }
-  require(workspace.present, "capacities: adakv needs a workspace on CUDA");
-  auto* ws = static_cast<unsigned char*>(workspace.data);
-  AdaWork w{};
-  const std::size_t parts_bytes = align256(16 * csel::kMaxCluster * static_cast<std::size_t>(cells));
-  w.parts = reinterpret_cast<double*>(ws);
-  w.counts = reinterpret_cast<uint32_t*>(ws + parts_bytes);
-  w.candidates = reinterpret_cast<float*>(ws + parts_bytes + align256(4 * static_cast<std::size_t>(cells)));
-  w.stride = static_cast<int>(std::min<int64_t>(a.base * H, P));
+  AdaWork w = ada_work(workspace, a);
   const int device = importance.device_id;
   if (o.ada_normalize) {
-    const csel::RowClusters top = csel::plan_row_clusters(cells, P, device, "capacities", sizeof(csel::SharedT<2>));
-    w.top_blocks = top.G;
-    if (top.cached) {
-      csel::launch_row_clusters(top, s, adakv_top_kernel<true, 2>, a, w);
-    } else {
-      csel::launch_row_clusters(top, s, adakv_top_kernel<false, 2>, a, w);
-    }
+    launch_top<2>(a, w, device, s);
   } else {
-    const csel::RowClusters top = csel::plan_row_clusters(cells, P, device, "capacities", sizeof(csel::SharedT<1>));
-    w.top_blocks = top.G;
-    if (top.cached) {
-      csel::launch_row_clusters(top, s, adakv_top_kernel<true, 1>, a, w);
-    } else {
-      csel::launch_row_clusters(top, s, adakv_top_kernel<false, 1>, a, w);
-    }
+    launch_top<1>(a, w, device, s);
   }
-  MIXKV_CUDA_CHECK_LAUNCH();
-  // one cluster per sequence over its H * stride candidates
-  const csel::RowClusters alloc = csel::plan_row_clusters(B, H * static_cast<int64_t>(w.stride), device, "capacities",
-                                                          sizeof(csel::Shared), AllocLayout(static_cast<int>(H)).bytes);
-  if (alloc.cached) {
-    csel::launch_row_clusters(alloc, s, adakv_alloc_kernel<true>, a, w, alloc.chunk);
+  launch_alloc(a, w, device, s);
+}
+
+void capacities_select(const BudgetOptions& o, const Tensor& importance, const Tensor& scores,
+                       const Tensor& valid_lengths, const Tensor& head_scores, const Tensor& caps,
+                       const Tensor& positions, const Tensor& counts, const Tensor& workspace, std::uintptr_t stream) {
+  const int64_t B = importance.shape[0], H = importance.shape[1], P = importance.shape[2];
+  const int64_t m = fused_candidates(o, H, P);
+  if (B * H == 0 || m == 0) {  // nothing to fuse: the two operations one after the other
+    mixkv::cuda::capacities(o, importance, valid_lengths, head_scores, caps, workspace, stream);
+    mixkv::cuda::select(scores, caps, positions, counts, Tensor{}, stream);
+    return;
+  }
+  check_sizes(importance, o);
+  const int64_t C = positions.shape[2];
+  require(C <= (int64_t{1} << 30), "capacities_select: positions may have at most 2^30 columns on CUDA, got ", C);
+  cuda_detail::DeviceGuard guard(importance.device_id);
+  const int device = importance.device_id;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  const BudgetArgs a = budget_args(o, importance, valid_lengths, head_scores, caps);
+  AdaWork w = ada_work(workspace, a);
+  const std::size_t cells = static_cast<std::size_t>(B * H);
+  auto* extra = static_cast<unsigned char*>(workspace.data) + capacities_workspace_bytes(B, H, P);
+  CandWork c{};
+  c.scores = scores.ptr<float>();
+  c.s_b = scores.stride[0];
+  c.s_h = scores.stride[1];
+  c.positions = positions.ptr<int32_t>();
+  c.p_b = positions.stride[0];
+  c.p_h = positions.stride[1];
+  c.C = static_cast<int>(C);
+  c.count = reinterpret_cast<uint32_t*>(extra);
+  c.pos = reinterpret_cast<int32_t*>(extra + align256(4 * cells));
+  c.key = reinterpret_cast<uint32_t*>(extra + align256(4 * cells) + align256(4 * cells * static_cast<std::size_t>(m)));
+  c.m = static_cast<int>(m);
+  if (o.ada_normalize) {
+    launch_top_candidates<2>(a, w, c, device, s);
   } else {
-    csel::launch_row_clusters(alloc, s, adakv_alloc_kernel<false>, a, w, alloc.chunk);
+    launch_top_candidates<1>(a, w, c, device, s);
+  }
+  launch_alloc(a, w, device, s);
+  PickArgs p{caps.ptr<int32_t>(), caps.stride[0], caps.stride[1], c.count, c.pos, c.key, c.m,
+             c.positions, c.p_b, c.p_h, c.C, counts.ptr<int32_t>(), counts.stride[0], counts.stride[1],
+             a.H, a.P, a.span};
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(cells));
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1] = {cuda_detail::pdl_attribute()};
+  cfg.attrs = attr;
+  cfg.numAttrs = cuda_detail::pdl_supported(device) ? 1 : 0;
+  if (m <= kPickRankMax) {
+    cfg.blockDim = dim3(kPickRankMax);
+    MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, pick_rank_kernel, p));
+  } else {
+    cfg.blockDim = dim3(512);
+    cfg.dynamicSmemBytes = static_cast<std::size_t>(m) * sizeof(uint32_t);
+    cuda_detail::fit_dynamic_smem(pick_radix_kernel, cfg.dynamicSmemBytes, "capacities_select");
+    MIXKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, pick_radix_kernel, p));
   }
   MIXKV_CUDA_CHECK_LAUNCH();
 }

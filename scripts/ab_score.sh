@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A/B of the CUDA sources on the GPU in one call: builds the working tree and a reference tree whose
-# cuda/ comes from ab_ref/cuda (e.g. `git archive HEAD cuda | tar -x -C ab_ref`), both in place for
+# cuda/ (and every other directory ab_ref holds: cpp/, python/ ...) comes from ab_ref (e.g. `git archive
+# HEAD cuda | tar -x -C ab_ref`), both in place for
 # sm_90a in parallel, runs the scoring CUDA tests (or those of TESTS) on the working tree, then profile_score (and with
 # BENCH=1 bench_compress) on both, interleaved REPEATS times. Results under $OUT.
 set -uo pipefail
@@ -12,7 +13,7 @@ export PYTHONUNBUFFERED=1
 ref=/tmp/ab_ref_tree
 rm -rf "$ref" && mkdir -p "$ref"
 tar --exclude=./build --exclude=./ab_ref --exclude=./.git -cf - . | tar -xf - -C "$ref"
-rm -rf "$ref/cuda" && cp -r ab_ref/cuda "$ref/cuda"
+for d in ab_ref/*/; do name=$(basename "$d"); rm -rf "${ref:?}/$name" && cp -r "$d" "$ref/$name"; done
 build() {
   (cd "$1" && cmake -S . -B build -G Ninja -DMIXKV_CUDA=ON -DMIXKV_CUDA_ARCHS=90a-real -DMIXKV_DEV_INPLACE=ON \
     -DMIXKV_BUILD_TESTS=OFF -DPython_EXECUTABLE="$(which python3)" >"$2" 2>&1 && cmake --build build -j8 >>"$2" 2>&1) \

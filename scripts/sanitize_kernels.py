@@ -63,8 +63,8 @@ def run(dtype: torch.dtype, n: int, budget: int) -> None:
 
 
 def run_selection_shapes(cap: str, part: str) -> None:
-    """select ("select") or AdaKV capacities ("adakv") on long rows (clusters), many rows and large
-    budgets; cap "1" is the one-block path of devices before sm_90 (MIXKV_SELECT_MAX_CLUSTER=1)."""
+    """select ("select"), AdaKV capacities ("adakv") or both fused ("fused") on long rows (clusters), many
+    rows and large budgets; cap "1" is the one-block path of devices before sm_90 (MIXKV_SELECT_MAX_CLUSTER=1)."""
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     imp = torch.rand(2, 4, 12_000, device=dev, generator=gen) ** 3
@@ -76,6 +76,26 @@ def run_selection_shapes(cap: str, part: str) -> None:
             for c in (0, 64, 1056, 12_000):
                 ops.select(imp, torch.full((2, 4), c, dtype=torch.int32, device=dev))
             ops.select(many, torch.full((2, 16), 96, dtype=torch.int32, device=dev))
+        elif part == "fused":
+            # capacities_select: the fused AdaKV path (m = 128 ranked per thread, m = 4,096 by radix cut)
+            scores = torch.randn(2, 4, 12_000, device=dev, generator=gen)
+            for budget in (64, 1056):
+                caps = torch.empty(2, 4, dtype=torch.int32, device=dev)
+                pos = torch.empty(2, 4, 12_000, dtype=torch.int32, device=dev)
+                cnt = torch.empty(2, 4, dtype=torch.int32, device=dev)
+                ops.capacities_select_into(
+                    "adakv",
+                    imp,
+                    scores,
+                    budget=budget,
+                    window=32,
+                    layer_idx=1,
+                    num_layers=4,
+                    capacities=caps,
+                    positions=pos,
+                    counts=cnt,
+                    valid_lengths=valid,
+                )
         else:
             for budget in (64, 1056):
                 for normalize in (True, False):
@@ -117,7 +137,7 @@ def main() -> int:
         *[
             (f"{part}, {label}", lambda cap=cap, part=part: run_selection_shapes(cap, part))
             for cap, label in (("8", "clusters"), ("1", "one block per row"))
-            for part in ("select", "adakv")
+            for part in ("select", "adakv", "fused")
         ],
         *[(f"pipeline {dtype}", lambda dtype=dtype: run(dtype, n=300, budget=40)) for dtype in DTYPES],
         ("long segments (split attention)", lambda: run(torch.bfloat16, n=5000, budget=4000)),

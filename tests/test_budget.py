@@ -139,15 +139,22 @@ def problems(draw: st.DrawFn) -> dict[str, object]:
     }
 
 
-def run_and_compare(device: str, case: dict[str, object], *, need_gap: bool) -> None:
-    imp = case["imp"]
-    assert isinstance(imp, torch.Tensor)
+def split_options(case: dict[str, object], device: str) -> tuple[dict[str, object], dict[str, object]]:
+    """The case's policy options for the call on ``device`` and for the reference (which takes this
+    layer's row of a SparseMM table as floats)."""
     opts = dict(case["opts"])  # type: ignore[call-overload]
     ref_opts = dict(opts)
     if "head_scores" in opts:
         table = opts["head_scores"]
         ref_opts["head_scores"] = table[case["layer_idx"]].to(torch.float64).tolist()  # type: ignore[index]
         opts["head_scores"] = table.to(device)  # type: ignore[union-attr]
+    return opts, ref_opts
+
+
+def run_and_compare(device: str, case: dict[str, object], *, need_gap: bool) -> None:
+    imp = case["imp"]
+    assert isinstance(imp, torch.Tensor)
+    opts, ref_opts = split_options(case, device)
     valid = case["valid"]
     common = {k: case[k] for k in ("budget", "window", "layer_idx", "num_layers")}
     want, gap = reference(case["policy"], imp, valid_lengths=valid, **common, **ref_opts)  # type: ignore[arg-type]

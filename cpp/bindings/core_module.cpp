@@ -10,6 +10,7 @@
 
 #include "mixkv/attend.hpp"
 #include "mixkv/budget.hpp"
+#include "mixkv/capacities_select.hpp"
 #include "mixkv/decode.hpp"
 #include "mixkv/runtime.hpp"
 #include "mixkv/score.hpp"
@@ -65,6 +66,22 @@ mixkv::Tensor view(const std::optional<A>& a) {
   return a ? view(*a) : mixkv::Tensor{};
 }
 
+mixkv::BudgetOptions budget_options(int policy, int64_t budget, int64_t window, int64_t layer_idx, int64_t num_layers,
+                                    double beta, double floor, bool normalize, int64_t skip, double ratio) {
+  mixkv::BudgetOptions o;
+  o.policy = static_cast<mixkv::Policy>(policy);
+  o.budget = budget;
+  o.window = window;
+  o.layer_idx = layer_idx;
+  o.num_layers = num_layers;
+  o.pyramid_beta = beta;
+  o.ada_floor = floor;
+  o.ada_normalize = normalize;
+  o.ada_skip = skip;
+  o.sparsemm_ratio = ratio;
+  return o;
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -110,17 +127,8 @@ NB_MODULE(_core, m) {
       [](int policy, int64_t budget, int64_t window, int64_t layer_idx, int64_t num_layers, double beta,
          double floor, bool normalize, int64_t skip, double ratio, Array importance, OptArray valid,
          OptArray head_scores, OutArray out, OptOutArray workspace, std::uintptr_t stream) {
-        mixkv::BudgetOptions o;
-        o.policy = static_cast<mixkv::Policy>(policy);
-        o.budget = budget;
-        o.window = window;
-        o.layer_idx = layer_idx;
-        o.num_layers = num_layers;
-        o.pyramid_beta = beta;
-        o.ada_floor = floor;
-        o.ada_normalize = normalize;
-        o.ada_skip = skip;
-        o.sparsemm_ratio = ratio;
+        const mixkv::BudgetOptions o =
+            budget_options(policy, budget, window, layer_idx, num_layers, beta, floor, normalize, skip, ratio);
         mixkv::capacities(o, view(importance), view(valid), view(head_scores), view(out), view(workspace),
                           stream);
       },
@@ -129,6 +137,32 @@ NB_MODULE(_core, m) {
       nb::arg("sparsemm_ratio"), nb::arg("importance"), nb::arg("valid_lengths").none(),
       nb::arg("head_scores").none(), nb::arg("out").noconvert(), nb::arg("workspace").none().noconvert(),
       nb::arg("stream"));
+
+  m.def(
+      "capacities_select_workspace_bytes",
+      [](int policy, int64_t budget, int64_t window, int64_t layer_idx, int64_t num_layers, int64_t skip, int64_t B,
+         int64_t H, int64_t P) {
+        return mixkv::capacities_select_workspace_bytes(
+            budget_options(policy, budget, window, layer_idx, num_layers, 20.0, 0.2, true, skip, 0.1), B, H, P);
+      },
+      nb::arg("policy"), nb::arg("budget"), nb::arg("window"), nb::arg("layer_idx"), nb::arg("num_layers"),
+      nb::arg("ada_skip"), nb::arg("B"), nb::arg("H"), nb::arg("P"));
+  m.def(
+      "capacities_select",
+      [](int policy, int64_t budget, int64_t window, int64_t layer_idx, int64_t num_layers, double beta,
+         double floor, bool normalize, int64_t skip, double ratio, Array importance, Array scores, OptArray valid,
+         OptArray head_scores, OutArray caps, OutArray positions, OutArray counts, OptOutArray workspace,
+         std::uintptr_t stream) {
+        const mixkv::BudgetOptions o =
+            budget_options(policy, budget, window, layer_idx, num_layers, beta, floor, normalize, skip, ratio);
+        mixkv::capacities_select(o, view(importance), view(scores), view(valid), view(head_scores), view(caps),
+                                 view(positions), view(counts), view(workspace), stream);
+      },
+      nb::arg("policy"), nb::arg("budget"), nb::arg("window"), nb::arg("layer_idx"), nb::arg("num_layers"),
+      nb::arg("pyramid_beta"), nb::arg("ada_floor"), nb::arg("ada_normalize"), nb::arg("ada_skip"),
+      nb::arg("sparsemm_ratio"), nb::arg("importance"), nb::arg("scores"), nb::arg("valid_lengths").none(),
+      nb::arg("head_scores").none(), nb::arg("capacities").noconvert(), nb::arg("positions").noconvert(),
+      nb::arg("counts").noconvert(), nb::arg("workspace").none().noconvert(), nb::arg("stream"));
 
   // ---- select ---------------------------------------------------------------------------------
   m.def("select_workspace_bytes", &mixkv::select_workspace_bytes);

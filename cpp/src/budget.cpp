@@ -8,6 +8,7 @@
 
 #include "mixkv/dispatch.hpp"
 #include "mixkv/error.hpp"
+#include "arg_checks.hpp"
 
 namespace mixkv {
 
@@ -27,31 +28,6 @@ void check_options(const BudgetOptions& o) {
   require(o.sparsemm_ratio >= 0.0 && o.sparsemm_ratio < 1.0, "ratio must lie in [0, 1), got ", o.sparsemm_ratio);
 }
 
-void check_capacity_args(const BudgetOptions& o, const Tensor& importance, const Tensor& valid_lengths,
-                         const Tensor& head_scores, const Tensor& out) {
-  check_options(o);
-  check_tensor(importance, "importance", 3);
-  check_dtype(importance, "importance", DType::f32);
-  check_last_dim_contiguous(importance, "importance");
-  const int64_t B = importance.shape[0], H = importance.shape[1];
-  check_tensor(out, "out", 2);
-  check_dtype(out, "out", DType::i32);
-  require(out.shape[0] == B && out.shape[1] == H, "out must have shape [", B, ", ", H, "]");
-  check_same_device(importance, "importance", out, "out");
-  if (valid_lengths.present) {
-    check_tensor(valid_lengths, "valid_lengths", 1);
-    check_dtype(valid_lengths, "valid_lengths", DType::i32);
-    require(valid_lengths.shape[0] == B, "valid_lengths must have shape [", B, "]");
-    check_same_device(importance, "importance", valid_lengths, "valid_lengths");
-  }
-  if (o.policy == Policy::sparsemm) {
-    require(head_scores.present, "head_scores is required by the sparsemm policy");
-    check_tensor(head_scores, "head_scores", 1);
-    check_dtype(head_scores, "head_scores", DType::f32);
-    require(head_scores.shape[0] == H, "head_scores must have shape [", H, "] (one per kv head)");
-    check_same_device(importance, "importance", head_scores, "head_scores");
-  }
-}
 
 // round half to even of a float64 value clamped to [0, hi].
 int32_t round_clamp(double x, int64_t hi) {
@@ -103,6 +79,36 @@ void adakv_sequence(const BudgetOptions& o, const Tensor& imp, int64_t b, int64_
 
 }  // namespace
 
+namespace detail {
+
+void check_capacity_args(const BudgetOptions& o, const Tensor& importance, const Tensor& valid_lengths,
+                         const Tensor& head_scores, const Tensor& out) {
+  check_options(o);
+  check_tensor(importance, "importance", 3);
+  check_dtype(importance, "importance", DType::f32);
+  check_last_dim_contiguous(importance, "importance");
+  const int64_t B = importance.shape[0], H = importance.shape[1];
+  check_tensor(out, "out", 2);
+  check_dtype(out, "out", DType::i32);
+  require(out.shape[0] == B && out.shape[1] == H, "out must have shape [", B, ", ", H, "]");
+  check_same_device(importance, "importance", out, "out");
+  if (valid_lengths.present) {
+    check_tensor(valid_lengths, "valid_lengths", 1);
+    check_dtype(valid_lengths, "valid_lengths", DType::i32);
+    require(valid_lengths.shape[0] == B, "valid_lengths must have shape [", B, "]");
+    check_same_device(importance, "importance", valid_lengths, "valid_lengths");
+  }
+  if (o.policy == Policy::sparsemm) {
+    require(head_scores.present, "head_scores is required by the sparsemm policy");
+    check_tensor(head_scores, "head_scores", 1);
+    check_dtype(head_scores, "head_scores", DType::f32);
+    require(head_scores.shape[0] == H, "head_scores must have shape [", H, "] (one per kv head)");
+    check_same_device(importance, "importance", head_scores, "head_scores");
+  }
+}
+
+}  // namespace detail
+
 std::size_t capacities_workspace_bytes(int64_t B, int64_t Hkv, int64_t P) {
   // AdaKV on CUDA: two float64 partial sums per block of each (b, h) row (up to 16 blocks), candidate
   // counts [B, Hkv] and up to P candidate scores per (b, h) as float32, each part rounded up to
@@ -114,7 +120,7 @@ std::size_t capacities_workspace_bytes(int64_t B, int64_t Hkv, int64_t P) {
 
 void capacities(const BudgetOptions& options, const Tensor& importance, const Tensor& valid_lengths,
                 const Tensor& head_scores, const Tensor& out, const Tensor& workspace, std::uintptr_t stream) {
-  check_capacity_args(options, importance, valid_lengths, head_scores, out);
+  detail::check_capacity_args(options, importance, valid_lengths, head_scores, out);
   if (importance.is_cuda()) {
 #ifdef MIXKV_WITH_CUDA
     const int64_t B = importance.shape[0], H = importance.shape[1], P = importance.shape[2];
@@ -140,7 +146,7 @@ namespace cpu {
 
 void capacities(const BudgetOptions& o, const Tensor& importance, const Tensor& valid_lengths,
                 const Tensor& head_scores, const Tensor& out) {
-  check_capacity_args(o, importance, valid_lengths, head_scores, out);
+  detail::check_capacity_args(o, importance, valid_lengths, head_scores, out);
   require(!importance.is_cuda(), "capacities: the CPU path needs CPU tensors");
   const int64_t B = importance.shape[0], H = importance.shape[1], P = importance.shape[2];
   const int64_t W = o.window, L = o.num_layers, l = o.layer_idx;

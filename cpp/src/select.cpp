@@ -8,10 +8,11 @@
 
 #include "mixkv/dispatch.hpp"
 #include "mixkv/error.hpp"
+#include "arg_checks.hpp"
 
 namespace mixkv {
 
-namespace {
+namespace detail {
 
 void check_select_args(const Tensor& scores, const Tensor& capacities, const Tensor& positions,
                        const Tensor& counts) {
@@ -37,13 +38,13 @@ void check_select_args(const Tensor& scores, const Tensor& capacities, const Ten
   check_same_device(scores, "scores", counts, "counts");
 }
 
-}  // namespace
+}  // namespace detail
 
 std::size_t select_workspace_bytes(int64_t, int64_t, int64_t) { return 0; }
 
 void select(const Tensor& scores, const Tensor& capacities, const Tensor& positions, const Tensor& counts,
             const Tensor& workspace, std::uintptr_t stream) {
-  check_select_args(scores, capacities, positions, counts);
+  detail::check_select_args(scores, capacities, positions, counts);
   if (scores.is_cuda()) {
 #ifdef MIXKV_WITH_CUDA
     if (workspace.present) check_same_device(scores, "scores", workspace, "workspace");
@@ -61,7 +62,7 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
 namespace cpu {
 
 void select(const Tensor& scores, const Tensor& capacities, const Tensor& positions, const Tensor& counts) {
-  check_select_args(scores, capacities, positions, counts);
+  detail::check_select_args(scores, capacities, positions, counts);
   require(!scores.is_cuda(), "select: the CPU path needs CPU tensors");
   const int64_t B = scores.shape[0], H = scores.shape[1], P = scores.shape[2], C = positions.shape[2];
   const float* s = scores.ptr<float>();

@@ -25,7 +25,7 @@ from mixkv import _attention
 from mixkv._checks import check_choice, check_int
 from mixkv._runtime import to_device_async
 from mixkv.adapters import TextModelSpec, text_model_spec
-from mixkv.ops import GQA_REDUCTIONS, METHODS, POLICIES, POOLINGS, capacities_into, compute_scores, select_into
+from mixkv.ops import GQA_REDUCTIONS, METHODS, POLICIES, POOLINGS, capacities_select_into, compute_scores
 from mixkv.store import VarlenKVStore
 from mixkv.tables import TableSource, load_redundancy_table, load_sparsemm_table
 
@@ -329,22 +329,24 @@ class MixKVLayer(CacheLayerMixin):
             # The scores, capacities and selection come from this layer's own tensors: no value
             # checks (each would synchronise the device); the store reads the counts once.
             caps = torch.empty((batch, num_kv_heads), dtype=torch.int32, device=keys.device)
-            capacities_into(
+            columns = length - window  # every capacity lies in [0, N - W]
+            positions = torch.empty((batch, num_kv_heads, columns), dtype=torch.int32, device=keys.device)
+            counts = torch.empty((batch, num_kv_heads), dtype=torch.int32, device=keys.device)
+            capacities_select_into(
                 s.policy,
                 importance,
+                scores,
                 budget=s.budget,
                 window=window,
                 layer_idx=self.layer_idx,
                 num_layers=s.num_layers,
-                out=caps,
+                capacities=caps,
+                positions=positions,
+                counts=counts,
                 valid_lengths=valid,
                 validate=False,
                 **options,
             )
-            columns = length - window  # every capacity lies in [0, N - W]
-            positions = torch.empty((batch, num_kv_heads, columns), dtype=torch.int32, device=keys.device)
-            counts = torch.empty((batch, num_kv_heads), dtype=torch.int32, device=keys.device)
-            select_into(scores, caps, positions, counts, validate=False)
         self.store = VarlenKVStore.from_selection(
             keys, values, positions, counts, window, reserve=s.reserve, valid_lengths=valid, validate=False
         )

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "select_reference.hpp"
 #include "mixkv/select.hpp"
 
 namespace {
@@ -15,21 +16,6 @@ namespace {
 using mixkv_test::view;
 
 const float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Position j is chosen iff it is above -inf and fewer than c entries beat it
-// (a higher score, or an equal score at a lower position).
-void brute_force(const std::vector<float>& s, int64_t P, int64_t c, int64_t C, std::vector<int32_t>& out,
-                 int32_t& count) {
-  out.assign(static_cast<std::size_t>(C), -1);
-  count = 0;
-  for (int64_t j = 0; j < P; ++j) {
-    if (s[j] == kNegInf) continue;
-    int64_t beaten_by = 0;
-    for (int64_t i = 0; i < P; ++i)
-      if (s[i] > s[j] || (s[i] == s[j] && i < j)) ++beaten_by;
-    if (beaten_by < c) out[static_cast<std::size_t>(count++)] = static_cast<int32_t>(j);
-  }
-}
 
 void random_case(std::mt19937& rng, int64_t B, int64_t H, int64_t P, int extra) {
   std::uniform_int_distribution<int> small(0, 3);
@@ -51,11 +37,10 @@ void random_case(std::mt19937& rng, int64_t B, int64_t H, int64_t P, int extra) 
   std::vector<int32_t> pos(static_cast<std::size_t>(B * H * C), -7777), cnt(static_cast<std::size_t>(B * H), -7777);
   mixkv::cpu::select(view(scores.data(), mixkv::DType::f32, {B, H, P}), view(caps.data(), mixkv::DType::i32, {B, H}),
                      view(pos.data(), mixkv::DType::i32, {B, H, C}), view(cnt.data(), mixkv::DType::i32, {B, H}));
-  std::vector<int32_t> want;
   for (int64_t r = 0; r < B * H; ++r) {
-    std::vector<float> row(scores.begin() + r * P, scores.begin() + (r + 1) * P);
     int32_t count = 0;
-    brute_force(row, P, caps[static_cast<std::size_t>(r)], C, want, count);
+    const std::vector<int32_t> want =
+        mixkv_test::brute_force_select(scores.data() + r * P, P, caps[static_cast<std::size_t>(r)], C, count);
     CHECK(cnt[static_cast<std::size_t>(r)] == count);
     for (int64_t i = 0; i < C; ++i) CHECK(pos[static_cast<std::size_t>(r * C + i)] == want[static_cast<std::size_t>(i)]);
   }

@@ -36,7 +36,7 @@ def make_step(
     layers: int,
 ) -> Callable[[], None]:
     """The mixkv compression step of one layer on fixed tensors (outputs preallocated)."""
-    from mixkv.ops import capacities_into, compute_scores, select_into
+    from mixkv.ops import capacities_select_into, compute_scores
 
     batch, kv_heads, n = k.shape[0], k.shape[1], k.shape[2]
     prefix = n - WINDOW
@@ -58,17 +58,19 @@ def make_step(
             validate=False,
         )
         importance = res.importance if res.importance is not None else res.scores
-        capacities_into(
+        capacities_select_into(
             policy,
             importance,
+            res.scores,
             budget=budget,
             window=WINDOW,
             layer_idx=layers // 2,
             num_layers=layers,
-            out=caps,
+            capacities=caps,
+            positions=positions,
+            counts=counts,
             validate=False,
         )
-        select_into(res.scores, caps, positions, counts, validate=False)
 
     return step
 

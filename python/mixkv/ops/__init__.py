@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mixkv.ops._budget import POLICIES, capacities, capacities_into
+from mixkv.ops._capacities_select import capacities_select_into
 from mixkv.ops._score import GQA_REDUCTIONS, METHODS, POOLINGS, ScoreResult, compute_scores, head_redundancy, scores
 from mixkv.ops._select import select, select_into
 
@@ -14,6 +15,7 @@ __all__ = [
     "ScoreResult",
     "capacities",
     "capacities_into",
+    "capacities_select_into",
     "compute_scores",
     "head_redundancy",
     "scores",

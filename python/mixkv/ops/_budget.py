@@ -121,31 +121,31 @@ def _check_importance(imp: torch.Tensor, policy: str, window: int, lengths: torc
         raise ValueError("importance must be finite over each sequence's valid prefix (adakv)")
 
 
-def capacities_into(
+def prepare_capacities(
     policy: str,
-    importance: torch.Tensor,
+    importance: object,
     *,
-    budget: int,
-    window: int,
-    layer_idx: int,
-    num_layers: int,
-    out: torch.Tensor,
-    valid_lengths: torch.Tensor | None = None,
-    validate: bool = True,
-    **policy_options: object,
-) -> None:
-    """Write the capacities of ``policy`` into ``out`` (int32 ``[B, Hkv]``); see :func:`capacities`.
+    budget: object,
+    window: object,
+    layer_idx: object,
+    num_layers: object,
+    out: object,
+    valid_lengths: object,
+    validate: bool,
+    policy_options: dict[str, object],
+) -> tuple[tuple[object, ...], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]]:
+    """Checks the arguments of :func:`capacities_into`.
 
-    ``validate=False`` skips the checks that read tensor values (NaN, valid_lengths range,
-    head_scores finiteness), which would synchronise a CUDA device.
+    Returns the core's leading arguments (policy through its options) and its tensors
+    (importance, valid lengths, head scores, out).
     """
     check_choice("policy", policy, POLICIES)
     imp = check_tensor("importance", importance, ndim=3, dtypes=(torch.float32,))
     check_last_dim_contiguous("importance", imp)
-    check_int("budget", budget, minimum=1)
-    check_int("window", window, minimum=1)
-    check_int("num_layers", num_layers, minimum=1)
-    check_int("layer_idx", layer_idx, minimum=0)
+    budget = check_int("budget", budget, minimum=1)
+    window = check_int("window", window, minimum=1)
+    num_layers = check_int("num_layers", num_layers, minimum=1)
+    layer_idx = check_int("layer_idx", layer_idx, minimum=0)
     if layer_idx >= num_layers:
         raise ValueError(f"layer_idx must lie in [0, {num_layers}) (num_layers), got {layer_idx}")
     opts = _resolve_options(policy, dict(policy_options))
@@ -168,9 +168,7 @@ def capacities_into(
         )
     if validate:
         _check_importance(imp, policy, window, lengths)
-    ws = workspace(_core.capacities_workspace_bytes(b, h, p), imp.device) if policy == "adakv" else None
-    call(
-        _core.capacities,
+    leading = (
         POLICIES.index(policy),
         budget,
         window,
@@ -181,13 +179,43 @@ def capacities_into(
         bool(opts.get("normalize", True)),
         int(opts.get("skip", 0)),  # type: ignore[call-overload]
         float(opts.get("ratio", 0.1)),  # type: ignore[arg-type]
-        imp,
-        lengths,
-        scores_row,
-        o,
-        ws,
-        stream_handle(imp.device),
     )
+    return leading, (imp, lengths, scores_row, o)
+
+
+def capacities_into(
+    policy: str,
+    importance: torch.Tensor,
+    *,
+    budget: int,
+    window: int,
+    layer_idx: int,
+    num_layers: int,
+    out: torch.Tensor,
+    valid_lengths: torch.Tensor | None = None,
+    validate: bool = True,
+    **policy_options: object,
+) -> None:
+    """Write the capacities of ``policy`` into ``out`` (int32 ``[B, Hkv]``); see :func:`capacities`.
+
+    ``validate=False`` skips the checks that read tensor values (NaN, valid_lengths range,
+    head_scores finiteness), which would synchronise a CUDA device.
+    """
+    leading, (imp, lengths, scores_row, o) = prepare_capacities(
+        policy,
+        importance,
+        budget=budget,
+        window=window,
+        layer_idx=layer_idx,
+        num_layers=num_layers,
+        out=out,
+        valid_lengths=valid_lengths,
+        validate=validate,
+        policy_options=dict(policy_options),
+    )
+    b, h, p = imp.shape
+    ws = workspace(_core.capacities_workspace_bytes(b, h, p), imp.device) if policy == "adakv" else None
+    call(_core.capacities, *leading, imp, lengths, scores_row, o, ws, stream_handle(imp.device))
 
 
 def capacities(

@@ -36,6 +36,22 @@ def _check_values(scores: torch.Tensor, capacities: torch.Tensor, columns: int) 
             raise ValueError(f"positions has {columns} columns but capacities reach {hi}")
 
 
+def check_outputs(scores: torch.Tensor, positions: object, counts: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks the output buffers of a selection over ``scores`` ``[B, H, P]``."""
+    pos = check_tensor("positions", positions, ndim=3, dtypes=(torch.int32,))
+    cnt = check_tensor("counts", counts, ndim=2, dtypes=(torch.int32,))
+    b, h, _ = scores.shape
+    if tuple(pos.shape[:2]) != (b, h):
+        raise ValueError(f"positions must have shape [{b}, {h}, C], got {list(pos.shape)}")
+    if tuple(cnt.shape) != (b, h):
+        raise ValueError(f"counts must have shape [{b}, {h}], got {list(cnt.shape)}")
+    for name, t in (("positions", pos), ("counts", cnt)):
+        if t.device != scores.device:
+            raise ValueError(f"{name} is on {t.device} but scores is on {scores.device}; they must share a device")
+    check_last_dim_contiguous("positions", pos)
+    return pos, cnt
+
+
 def select_into(
     scores: torch.Tensor,
     capacities: torch.Tensor,
@@ -55,17 +71,8 @@ def select_into(
     ``[0, min(P, C)]``.
     """
     s, c = _check_inputs(scores, capacities)
-    pos = check_tensor("positions", positions, ndim=3, dtypes=(torch.int32,))
-    cnt = check_tensor("counts", counts, ndim=2, dtypes=(torch.int32,))
+    pos, cnt = check_outputs(s, positions, counts)
     b, h, p = s.shape
-    if tuple(pos.shape[:2]) != (b, h):
-        raise ValueError(f"positions must have shape [{b}, {h}, C], got {list(pos.shape)}")
-    if tuple(cnt.shape) != (b, h):
-        raise ValueError(f"counts must have shape [{b}, {h}], got {list(cnt.shape)}")
-    for name, t in (("positions", pos), ("counts", cnt)):
-        if t.device != s.device:
-            raise ValueError(f"{name} is on {t.device} but scores is on {s.device}; they must share a device")
-    check_last_dim_contiguous("positions", pos)
     if validate:
         _check_values(s, c, pos.shape[2])
     ws = workspace(_core.select_workspace_bytes(b, h, p), s.device)

@@ -25,6 +25,7 @@
 
 #include "attend_async.cuh"
 #include "cuda_check.cuh"
+#include "sm_count.cuh"
 #include "device_guard.cuh"
 #include "dtype.cuh"
 #include "load_part.cuh"
@@ -519,19 +520,6 @@ int next_pow2(int x) {
   return v;
 }
 
-int sm_count(int device) {
-  static std::atomic<int> cache[64];
-  if (device >= 0 && device < 64) {
-    const int c = cache[device].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int n = 0;
-  MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  n = std::max(n, 1);
-  if (device >= 0 && device < 64) cache[device].store(n, std::memory_order_relaxed);
-  return n;
-}
-
 // Grid target of the split policy in blocks per multiprocessor (kWaves * kBlocksPerSM). A tuning
 // knob for benchmarks only: MIXKV_ATTEND_BLOCKS_PER_SM=<n> (1..64) overrides it; read once per
 // process. Any value gives the same result.
@@ -626,7 +614,7 @@ void attend(const Tensor& q, const Tensor& k_buf, const Tensor& v_buf, const Ten
   if (max_length > 0) {
     const int64_t bound = S * max_length;
     const int64_t total = total_length >= 0 ? std::min(total_length, bound) : bound;
-    const int64_t target = static_cast<int64_t>(sm_count(q.device_id)) * target_blocks_per_sm();
+    const int64_t target = static_cast<int64_t>(cuda_detail::sm_count(q.device_id)) * target_blocks_per_sm();
     const int64_t want = (total * row_tiles + target - 1) / target;
     chunk = std::max(chunk, (want + kGranule - 1) / kGranule * kGranule);
   }

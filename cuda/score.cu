@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "cuda_check.cuh"
+#include "sm_count.cuh"
 #include "device_guard.cuh"
 #include "dtype.cuh"
 #include "dynamic_smem.cuh"
@@ -1082,7 +1083,6 @@ __global__ void __launch_bounds__(mma_threads<NT>(), 512 / mma_threads<NT>()) pa
   pass1_finish(p);
 }
 
-
 // The norms of a 16-key slab from slab_norms(_by) into the workspace (every lane calls it): key norm and
 // k̂·m (keys; d0, d1 as slab_norms returns them) or value norm of keys j0s .. j0s + 15 inside [s0, P).
 template <typename T>
@@ -2081,17 +2081,6 @@ bool is_sm90(int device) {
   return v == 2;
 }
 
-int sm_count(int device) {
-  static std::atomic<int> cache[64];
-  const int slot = device < 0 || device >= 64 ? 63 : device;
-  int v = cache[slot].load();
-  if (v == 0) {
-    MIXKV_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    cache[slot].store(v);
-  }
-  return v;
-}
-
 // Whether pass 2 runs on warpgroup MMA (pass2_wgmma_kernel): an sm_90a build, a compute capability 9.0
 // device, head dimension 65-128, at most 256 packed query rows. Since its query rows are staged through
 // shared memory it is as fast as or faster than the mma.sync pass 2 at every length measured (H100,
@@ -2132,7 +2121,7 @@ void encode_tile_maps(const Params<T>& p, const Dims& d, TileMaps& m) {
 // Tiles per chunk for about one chunk per SM over `tiles` tiles of each of the B·Hkv rows (at most as many
 // chunks as the workspace holds, `chunks`; else the workspace's own `tpb`).
 int64_t tiles_per_sm_chunk(int64_t tiles, const Dims& d, int64_t chunks, int64_t tpb, int device) {
-  const int64_t t = std::max<int64_t>(1, cdiv(tiles * d.B * d.Hkv, sm_count(device)));
+  const int64_t t = std::max<int64_t>(1, cdiv(tiles * d.B * d.Hkv, cuda_detail::sm_count(device)));
   return cdiv(tiles, t) > chunks ? tpb : t;
 }
 

@@ -158,7 +158,8 @@ def test_capacities_select_matches_reference(device: str, problem: tuple[dict[st
 def test_fused_shapes_match_two_calls(device: str, max_cluster: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every launch shape of the fused path against capacities_into + select_into on the same device:
     candidates per row at most 256 (ranked per thread) and above (radix cut), rows of one block and of
-    clusters, padding, the skip layers and m >= P (no fusion), normalised or not."""
+    clusters, padding, the skip layers, m >= P and more rows than one wave holds (no fusion), normalised
+    or not."""
     if max_cluster is not None:
         monkeypatch.setenv("MIXKV_SELECT_MAX_CLUSTER", max_cluster)
     gen = torch.Generator().manual_seed(11)
@@ -170,6 +171,7 @@ def test_fused_shapes_match_two_calls(device: str, max_cluster: str | None, monk
         (3, 2, 300, 100, [332, 40, 150]),  # m = 136, padded rows, one row below the budget
         (1, 4, 100, 64, None),  # m = 128 >= P: the two operations
         (1, 8, 6000, 600, None),  # m = 4,544 > 4,096: the two operations
+        (4, 32, 2000, 64, None),  # m = 1,024, but 256 rows of candidates and ranking: the two operations
     ]
     for batch, heads, p, budget, valid in shapes:
         imp = torch.rand((batch, heads, p), generator=gen) ** 3 * torch.rand((1, heads, 1), generator=gen)

@@ -19,9 +19,11 @@ namespace mixkv {
 //   policy but AdaKV run the two. On CUDA, AdaKV at layers from `skip` on, with
 //   m = min(Hkv * base, P) below P and at most kFusedMaxCandidates, keeps each row's top m scores of S
 //   as candidates in the same launch that ranks A (no capacity exceeds m), then picks each row's top c
-//   among its candidates: the full-row selection no longer waits for the capacities.
+//   among its candidates: the full-row selection no longer waits for the capacities. That launch has
+//   twice the rows of the ranking alone, so it is taken only where all of them fit one block per
+//   multiprocessor (e.g. B = 1, Hkv = 4 up to 32k tokens); elsewhere the two operations run.
 // workspace: capacities_select_workspace_bytes(...) bytes on the device (CUDA only; it covers
-//   capacities_workspace_bytes). stream: a cudaStream_t as an integer (CUDA only). The CUDA path does
+//   capacities_workspace_bytes and the fused path wherever fused_candidates allows it). stream: a cudaStream_t as an integer (CUDA only). The CUDA path does
 //   not synchronise and clamps capacities to [0, min(P, C)] as select() does; the CPU path rejects a
 //   capacity above C.
 constexpr int64_t kFusedMaxCandidates = 4096;

@@ -34,7 +34,8 @@ def capacities_select_into(
     ``importance``; it may be the same tensor). On CUDA, AdaKV keeps each row's top
     ``min(Hkv * base, P)`` scores in the launch that ranks the importance (no capacity can exceed
     that many) and then picks each row's top ``c`` among them, instead of a full-row selection
-    after the capacities. ``validate=False`` skips the checks that read tensor values (see both
+    after the capacities, where both sets of rows fit one block per multiprocessor (few sequences
+    and kv heads). ``validate=False`` skips the checks that read tensor values (see both
     functions); the capacities are then clamped to ``positions``' columns on CUDA. With
     ``validate=True`` a capacity above ``positions``' columns raises ``ValueError`` (on CUDA
     after the call, which reads the capacities back).

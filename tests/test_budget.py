@@ -296,17 +296,43 @@ def test_capacities_reject_bad_inputs(device: str) -> None:
         capacities_into("snapkv", imp, out=out, **ok)  # type: ignore[arg-type]
 
 
-def adakv_case(imp: torch.Tensor, budget: int, normalize: bool, valid: list[int] | None = None) -> dict[str, object]:
+def make_case(
+    policy: str,
+    imp: torch.Tensor,
+    scores: torch.Tensor | None,
+    budget: int,
+    *,
+    window: int = 32,
+    layer_idx: int = 1,
+    num_layers: int = 4,
+    valid: list[int] | None = None,
+    **opts: object,
+) -> dict[str, object]:
+    """A test case of a policy; ``scores`` (None: the importance) is the selection score of
+    capacities_select (test_capacities_select.py); padding turns to -inf in both score rows."""
+    if valid is not None:  # padding: -inf in both score rows, as the scoring kernels leave it
+        p = imp.shape[2]
+        imp = imp.clone()
+        scores = None if scores is None else scores.clone()
+        for b, n in enumerate(valid):
+            imp[b, :, : p - max(n - window, 0)] = NEG_INF
+            if scores is not None:
+                scores[b, :, : p - max(n - window, 0)] = NEG_INF
     return {
-        "policy": "adakv",
+        "policy": policy,
         "imp": imp,
+        "scores": scores,
         "budget": budget,
-        "window": 32,
-        "layer_idx": 1,
-        "num_layers": 4,
+        "window": window,
+        "layer_idx": layer_idx,
+        "num_layers": num_layers,
         "valid": valid,
-        "opts": {"normalize": normalize, "floor": 0.2},
+        "opts": opts,
     }
+
+
+def adakv_case(imp: torch.Tensor, budget: int, normalize: bool, valid: list[int] | None = None) -> dict[str, object]:
+    return make_case("adakv", imp, None, budget, valid=valid, normalize=normalize, floor=0.2)
 
 
 # MIXKV_SELECT_MAX_CLUSTER caps the blocks per row on CUDA ("1": the one-block path of devices

@@ -12,7 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from mixkv.ops import POLICIES, capacities_into, capacities_select_into, select_into
-from test_budget import FIXTURE_OK, NEG_INF, split_options
+from test_budget import FIXTURE_OK, make_case, split_options
 from test_budget import reference as capacity_reference
 from test_select import POISON
 from test_select import reference as select_reference
@@ -57,39 +57,6 @@ def run_case(device: str, case: dict[str, object], *, extra_columns: int, need_g
         for j in range(h):
             assert got_pos[i, j].tolist() == want_pos[i][j] + [-1] * (columns - len(want_pos[i][j])), (i, j)
             assert int(got_cnt[i, j]) == want_cnt[i][j], (i, j)
-
-
-def make_case(
-    policy: str,
-    imp: torch.Tensor,
-    scores: torch.Tensor | None,
-    budget: int,
-    *,
-    window: int = 32,
-    layer_idx: int = 1,
-    num_layers: int = 4,
-    valid: list[int] | None = None,
-    **opts: object,
-) -> dict[str, object]:
-    if valid is not None:  # padding: -inf in both score rows, as the scoring kernels leave it
-        p = imp.shape[2]
-        imp = imp.clone()
-        scores = None if scores is None else scores.clone()
-        for b, n in enumerate(valid):
-            imp[b, :, : p - max(n - window, 0)] = NEG_INF
-            if scores is not None:
-                scores[b, :, : p - max(n - window, 0)] = NEG_INF
-    return {
-        "policy": policy,
-        "imp": imp,
-        "scores": scores,
-        "budget": budget,
-        "window": window,
-        "layer_idx": layer_idx,
-        "num_layers": num_layers,
-        "valid": valid,
-        "opts": opts,
-    }
 
 
 @st.composite

@@ -289,8 +289,9 @@ __device__ __forceinline__ V fold_chunks(const V* col, int64_t stride, int c_fir
   return acc;
 }
 
-// End of pass 1 (every block): the last block of each b·h merges the chunks' row statistics and unit-
-// key sums: rowstat, mvec and the online r.
+// End of pass 1 (every block): the last block of each b·h merges the chunks' row statistics and, for
+// methods with the diversity signal (the only ones that read m or the online r), the unit-key sums:
+// rowstat, mvec and the online r.
 template <typename T>
 __device__ void pass1_finish(const Params<T>& p) {
   __shared__ float buf[32];
@@ -304,6 +305,7 @@ __device__ void pass1_finish(const Params<T>& p) {
     p.rowstat[int64_t(bh) * p.Rp + r] = fold_chunks(st, p.Rp, c_first, p.chunks1, make_float2(-INFINITY, 0.0f),
                                                     [](float2 x, float2 y) { return merge_stat(x, y); });
   }
+  if (!p.need_d) return;
   float sq = 0.0f;
   for (int d = threadIdx.x; d < p.Dp; d += blockDim.x) {
     const float* ms = p.msum + int64_t(bh) * p.chunks1 * p.Dp + d;
@@ -447,7 +449,9 @@ __device__ void pass2_finish(const Params<T>& p, cuda_detail::Stamps* stamp = nu
   __syncthreads();
   if (threadIdx.x == 0) {
     float* f = p.fin + int64_t(bh) * kFin;
-    f[0] = p.red != nullptr ? p.red[(p.red_rows == 1 ? 0 : b) * p.red_s0 + h * p.red_s1] : __ldcg(p.ronline + bh);
+    // r: the offline value, else the online one (merged by pass 1 for the methods that use it)
+    f[0] = p.red != nullptr ? p.red[(p.red_rows == 1 ? 0 : b) * p.red_s0 + h * p.red_s1]
+                            : (p.need_d ? __ldcg(p.ronline + bh) : 0.0f);
     for (int k = 1; k < kFin; ++k) f[k] = 0.0f;
     if (np > 0) {
       const float fnp = static_cast<float>(np), mean_a = tot[0] / fnp;
@@ -1451,7 +1455,9 @@ __device__ __forceinline__ void refill_ring(int it, int ntiles, int& issued, uin
   }
 }
 
-template <typename T, int NW, bool kTma, bool kKn = false>  // kKn (with kTma): key norms out (Params::kn_pass1)
+// kKn (with kTma): key norms out (Params::kn_pass1). kUnits: the unit-key sums (the mean key m and the
+// online r; Params::need_m), which methods without the diversity signal do not read.
+template <typename T, int NW, bool kTma, bool kKn = false, bool kUnits = true>
 __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, const __grid_constant__ CUtensorMap kmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int S = kW1Stages, L = kW1Lag, C = kW1Cols, NC = NW * 128;
@@ -1541,7 +1547,9 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
         const T* ktile = kring + st * kTile * C;
         // Unit-key sums while the wgmma runs: with kTma by every thread on the CUDA cores; else the tile's
         // four 16-key slabs go to the four warps of warpgroup it % NW (tensor cores, blocked layout).
-        if constexpr (kTma) {
+        if constexpr (!kUnits) {
+          static_assert(!kKn, "the key norms come out of the unit-key sums");
+        } else if constexpr (kTma) {
           tile_unit_sums<T, NC, kKn>(ktile, tid, tus, p.knorm + int64_t(bh) * p.P, j0, s0, p.P);
         } else if (it % NW == wg) {
           const T* slab = ktile + wq * 16 * C;  // 16 rows = two row groups of C · 8 elements
@@ -1615,7 +1623,7 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
         const int r = r0 + 8 * e;
         if (t4 == 0 && r < p.Rp && r % p.Wp < p.W) p.stats[(int64_t(bh) * p.chunks1 + chunk) * p.Rp + r] = stat;
       }
-      if constexpr (kTma) {  // lanes l and l + 16 hold the same dims
+      if constexpr (kTma && kUnits) {  // lanes l and l + 16 hold the same dims
 #pragma unroll
         for (int i = 0; i < 8; ++i) tus[i] += __shfl_xor_sync(0xffffffffu, tus[i], 16);
         if (lane < 16) {
@@ -1624,11 +1632,13 @@ __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, c
         }
       }
     }
-    __syncthreads();
-    for (int d = tid; d < p.Dp; d += blockDim.x) {
-      float s = 0.0f;
-      for (int w = 0; w < NW * 4; ++w) s += usum[w * C + d];  // zero past D: the copies zero-fill
-      p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
+    if constexpr (kUnits) {
+      __syncthreads();
+      for (int d = tid; d < p.Dp; d += blockDim.x) {
+        float s = 0.0f;
+        for (int w = 0; w < NW * 4; ++w) s += usum[w * C + d];  // zero past D: the copies zero-fill
+        p.msum[(int64_t(bh) * p.chunks1 + chunk) * p.Dp + d] = s;
+      }
     }
   }
   stamp.at(5);
@@ -1941,7 +1951,8 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(Params<T> p) {
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const float* f = p.fin + int64_t(bh) * kFin;
   const float r = f[0];
-  if (blockIdx.x == 0 && threadIdx.x == 0 && p.r_out != nullptr) p.r_out[bh] = r;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && p.r_out != nullptr)
+    p.r_out[bh] = static_cast<Method>(p.method) == Method::mixkv ? r : NAN;  // only mixkv uses an r
   const int j = blockIdx.x * kFinalThreads + threadIdx.x;
   if (j >= p.P) return;
   const int64_t col0 = int64_t(bh) * p.P;
@@ -2172,6 +2183,15 @@ bool use_wgmma_pass1(const Dims& d, int device) {
 #endif
 }
 
+// One instantiation of pass1_wgmma_kernel: its shared-memory grant (per device) and the launch.
+template <typename T, int NW, bool kTma, bool kKn, bool kUnits>
+void launch_pass1_variant(const Params<T>& p, dim3 grid, int64_t smem, int device, cudaStream_t stream,
+                          const CUtensorMap& kmap) {
+  static std::atomic<int64_t> granted[64];
+  allow_smem(pass1_wgmma_kernel<T, NW, kTma, kKn, kUnits>, smem, device, granted);
+  launch(pass1_wgmma_kernel<T, NW, kTma, kKn, kUnits>, grid, NW * 128, smem, stream, false, p, kmap);
+}
+
 // Pass 1 on warpgroup MMA with NW consumer warpgroups (64·NW >= Rp), about one chunk per SM; key tiles
 // by tensor map when `maps.keys`.
 template <typename T, int NW>
@@ -2181,21 +2201,18 @@ void launch_pass1_wgmma(Params<T> p, const Dims& d, const TileMaps& maps, int de
   p.tma_b = maps.order[0], p.tma_h = maps.order[1], p.tma_n = maps.order[2];
   const int64_t smem = wgmma1_smem_bytes<T>(NW);
   const dim3 grid(static_cast<unsigned>(p.chunks1), static_cast<unsigned>(d.B * d.Hkv));
-  if (maps.keys) {
-    static std::atomic<int64_t> granted[64];
-    if (p.kn_pass1) {
-      static std::atomic<int64_t> granted_kn[64];
-      allow_smem(pass1_wgmma_kernel<T, NW, true, true>, smem, device, granted_kn);
-      launch(pass1_wgmma_kernel<T, NW, true, true>, grid, NW * 128, smem, stream, false, p, maps.k);
-      return;
-    }
-    allow_smem(pass1_wgmma_kernel<T, NW, true>, smem, device, granted);
-    launch(pass1_wgmma_kernel<T, NW, true>, grid, NW * 128, smem, stream, false, p, maps.k);
-  } else {
-    static std::atomic<int64_t> granted[64];
-    allow_smem(pass1_wgmma_kernel<T, NW, false>, smem, device, granted);
-    launch(pass1_wgmma_kernel<T, NW, false>, grid, NW * 128, smem, stream, false, p, maps.k);
-  }
+  // the unit-key sums only where m or the online r is read (or the key norms come out of them)
+  const bool units = p.need_d || p.kn_pass1;
+  if (maps.keys && p.kn_pass1)
+    launch_pass1_variant<T, NW, true, true, true>(p, grid, smem, device, stream, maps.k);
+  else if (maps.keys && units)
+    launch_pass1_variant<T, NW, true, false, true>(p, grid, smem, device, stream, maps.k);
+  else if (maps.keys)
+    launch_pass1_variant<T, NW, true, false, false>(p, grid, smem, device, stream, maps.k);
+  else if (units)
+    launch_pass1_variant<T, NW, false, false, true>(p, grid, smem, device, stream, maps.k);
+  else
+    launch_pass1_variant<T, NW, false, false, false>(p, grid, smem, device, stream, maps.k);
 }
 
 template <typename T>

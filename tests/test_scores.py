@@ -77,7 +77,7 @@ def reference(
         r = ref_redundancy(kb, n)
         if redundancy is not None:
             r = redundancy[0 if redundancy.shape[0] == 1 else b].double().cpu()
-        out_r[b] = r
+        out_r[b] = r if method == "mixkv" else math.nan  # only mixkv uses an r
         npre = p - s0
         if npre <= 0:
             continue
@@ -255,7 +255,7 @@ def check_case(device: str, case: dict) -> None:
     rtol, atol = tolerances(c["dtype"], device)
     assert_close_rows(got.importance, want.importance, rtol, atol, "importance")
     assert_close_rows(got.scores, want.scores, rtol, atol, "scores")
-    torch.testing.assert_close(got.redundancy.cpu().double(), want.redundancy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.redundancy.cpu().double(), want.redundancy, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 # Pass 2 runs on warpgroup MMA by default on sm_90 devices (head dimension 65-128, at most 256 packed
@@ -333,13 +333,14 @@ def test_strided_keys_tensor_core(monkeypatch: pytest.MonkeyPatch, tma: str) -> 
 
 # Sequences of one or two valid keys leave nothing to average out the rounding of the unit-key sums in the
 # online redundancy: with the inverse norms in two 16-bit parts on the tensor cores (16 bits) such a
-# case missed the tolerance by 8x; three parts carry a float's 24 bits. Both pass-1 paths on CUDA.
+# case missed the tolerance by 8x; three parts carry a float's 24 bits. Both pass-1 paths on CUDA (mixkv:
+# the method that reports its r).
 @pytest.mark.parametrize("pass1", ["1", "0"])
 @pytest.mark.parametrize("seed", range(6))
 def test_redundancy_of_few_keys(monkeypatch: pytest.MonkeyPatch, device: str, pass1: str, seed: int) -> None:
     monkeypatch.setenv("MIXKV_SCORE_WGMMA1", pass1)
     case = {
-        "bsz": 3, "g": 1, "hkv": 2, "d": 64, "w": 32, "n": 33, "valid": [33, 2, 1], "method": "attn",
+        "bsz": 3, "g": 1, "hkv": 2, "d": 64, "w": 32, "n": 33, "valid": [33, 2, 1], "method": "mixkv",
         "pooling": "avg", "kernel_size": 1, "gqa": "mean", "red": None, "dtype": torch.bfloat16, "scale": None,
         "seed": seed,
     }  # fmt: skip
@@ -389,6 +390,24 @@ def test_public_api_matches_core(device: str, method: str) -> None:
     assert compute_scores(q, k, v, method=method, pooling="avg", kernel_size=5, gqa="max").importance is None
 
 
+@pytest.mark.parametrize("pass1", ["1", "0"])
+def test_importance_without_the_mean_key(monkeypatch: pytest.MonkeyPatch, device: str, pass1: str) -> None:
+    """Methods without the diversity signal skip the unit-key sums (the mean key, the online r): the same
+    importance as mixkv, which computes them; r is NaN where no method uses one."""
+    monkeypatch.setenv("MIXKV_SCORE_WGMMA1", pass1)
+    q, k, v = make_inputs(2, 28, 4, 3000, 32, 128, torch.bfloat16, device, 21)
+    valid = torch.tensor([3000, 1234], device=device)
+    opts = {"pooling": "avg", "kernel_size": 5, "gqa": "mean", "valid": valid}
+    mix = run_core(q, k, v, method="mixkv", **opts)
+    assert torch.isfinite(mix.redundancy).all()
+    for method in ("attn", "vnorm", "knorm"):
+        got = run_core(q, k, v, method=method, **opts)
+        torch.testing.assert_close(got.importance, mix.importance, rtol=1e-6, atol=1e-9)
+        assert torch.isnan(got.redundancy).all()
+    attn = run_core(q, k, v, method="attn", **opts)
+    torch.testing.assert_close(attn.scores, attn.importance, rtol=0, atol=0)
+
+
 def test_defaults(device: str) -> None:
     q, k, v = make_inputs(1, 4, 2, 60, 8, 64, torch.float32, device, 5)
     want = reference(
@@ -430,7 +449,7 @@ def test_padding_equals_alone(device: str) -> None:
                 else:
                     torch.testing.assert_close(got[b, :, pad:], want[0], rtol=1e-5, atol=1e-7)
             if device == "cpu":
-                assert torch.equal(batch.redundancy[b], alone.redundancy[0])
+                torch.testing.assert_close(batch.redundancy[b], alone.redundancy[0], rtol=0, atol=0, equal_nan=True)
 
 
 def test_strided_inputs(device: str) -> None:
@@ -484,7 +503,7 @@ def test_warp_layouts(device: str, hq: int, hkv: int, w: int, d: int) -> None:
     )
     assert_close_rows(got.scores, want.scores, 2e-4, 2e-5, "scores")
     assert_close_rows(got.importance, want.importance, 2e-4, 2e-5, "importance")
-    torch.testing.assert_close(got.redundancy.cpu().double(), want.redundancy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.redundancy.cpu().double(), want.redundancy, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_query_rows_unaligned(device: str) -> None:

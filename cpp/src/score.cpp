@@ -256,7 +256,8 @@ void score(const Tensor& q_window, const Tensor& keys, const Tensor& values, con
         const int64_t rb = redundancy.shape[0] == 1 ? 0 : b;
         r = redundancy.ptr<const float>()[rb * redundancy.stride[0] + h * redundancy.stride[1]];
       }
-      if (redundancy_out.present) redundancy_out.ptr<float>()[b * Hkv + h] = r;
+      if (redundancy_out.present)  // only mixkv uses an r
+        redundancy_out.ptr<float>()[b * Hkv + h] = o.method == Method::mixkv ? r : std::nanf("");
       for (int64_t j = 0; j < s0 && j < P; ++j) {
         out_s[j] = kNegInf;
         if (out_a) out_a[j] = kNegInf;

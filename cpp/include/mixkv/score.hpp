@@ -31,7 +31,8 @@ struct ScoreOptions {
 // Outputs (float32, contiguous, written in full):
 //   scores     [B, Hkv, N - W]  S for the prefix positions; padding positions get -inf.
 //   importance [B, Hkv, N - W]  (optional) pooled attention importance A; padding -inf.
-//   redundancy_out [B, Hkv]     (optional) the r that was used.
+//   redundancy_out [B, Hkv]     (optional) the r that was used: method mixkv only (the offline value
+//                               when given, else the online estimate); NaN for the methods that use none.
 // workspace: uint8 bytes on the same device, 256-byte aligned, at least score_workspace_bytes(...)
 // (a function of the shape only; CUDA only, the CPU path ignores it). stream: a cudaStream_t as an
 // integer (CUDA only). The CUDA kernels take head dimensions up to 256.

@@ -30,7 +30,8 @@ class ScoreResult:
 
     scores: float32 [B, Hkv, N - W], the mixed score S of each prefix position (-inf on padding).
     importance: float32 [B, Hkv, N - W], the pooled attention importance A (when asked for).
-    redundancy: float32 [B, Hkv], the head redundancy r that was used.
+    redundancy: float32 [B, Hkv], the head redundancy r that was used: with method "mixkv" the offline
+        value when given, else the online estimate; NaN for the methods that use none.
     """
 
     scores: torch.Tensor

@@ -262,12 +262,14 @@ __device__ __forceinline__ int row_span_top(KeyAt key_at, const uint32_t* cached
 // targets share one histogram while their prefixes agree. Histograms take one shared atomic per
 // counted key (measured faster than warp aggregation, __match_any_sync or ballots, on sm_90).
 // cached: the chunk's keys in shared memory (16-byte aligned; read four at a time), or null.
-template <int NT, typename KeyAt>
+// kLocal: the cut of this block's keys alone, as if the row had one block (block barriers only; callable by
+// one block of a cluster, the others not taking part).
+template <int NT, bool kLocal = false, typename KeyAt>
 __device__ void cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, const uint32_t (&c)[NT],
                             SharedT<NT>& sh, Cut (&cut)[NT], int span = kSpanAuto) {
   static_assert(NT >= 1 && NT <= kMaxTargets, "one or two targets");
   Cluster cluster = this_cluster();
-  const unsigned G = cluster.num_blocks(), rank = cluster.block_rank();
+  const unsigned G = kLocal ? 1u : cluster.num_blocks(), rank = kLocal ? 0u : cluster.block_rank();
   const int tid = threadIdx.x;
   uint32_t prefix[NT], rem[NT];
   bool active[NT];
@@ -388,12 +390,12 @@ __device__ void cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, c
 }
 
 // One target: the top min(c, keys above -inf) keys (see above).
-template <typename KeyAt>
+template <bool kLocal = false, typename KeyAt>
 __device__ Cut cluster_cut(KeyAt key_at, const uint32_t* cached, int n_local, uint32_t c, Shared& sh,
                            int span = kSpanAuto) {
   const uint32_t cs[1] = {c};
   Cut cut[1];
-  cluster_cut<1>(key_at, cached, n_local, cs, sh, cut, span);
+  cluster_cut<1, kLocal>(key_at, cached, n_local, cs, sh, cut, span);
   return cut[0];
 }
 
@@ -532,6 +534,8 @@ inline int span_mode() {
 // Rows of up to this many keys take one block without a cluster; longer rows about this many keys
 // per block of their cluster.
 constexpr int kKeysPerBlock = 4096;
+// Most candidates (blocks x columns) a cluster's shortlists may hold for one block to merge them.
+constexpr int kMergeMax = 4096;
 
 // Blocks per row-cluster: 1 up to kKeysPerBlock keys and before sm_90, else up to kPortableCluster.
 // MIXKV_SELECT_MAX_CLUSTER (environment, read per call; for tests) caps it: 1 runs the one-block

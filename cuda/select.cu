@@ -65,6 +65,52 @@ __global__ void __launch_bounds__(512) select_rows_kernel(SelectArgs a, int chun
   if (G > 1) cluster.barrier_wait();  // the others may read this block's histograms until they arrive
 }
 
+// Rows of a cluster whose blocks' shortlists fit one block (G · C <= kMergeMax): each block cuts its own
+// chunk to its top c (block barriers only) and writes those candidates, in position order, into block 0's
+// shared memory (G slots of C keys and positions, unused entries below -inf); after one cluster barrier
+// block 0 cuts the G · C candidates to the row's top c and writes them. A key of the row's top c is in
+// its block's top c (the row's order restricted to a chunk is the chunk's order), and the candidates lie
+// in position order, so ties go to the lower position as in the one-pass cut. One cluster-wide exchange
+// instead of one per radix pass.
+template <bool kCached>
+__global__ void __launch_bounds__(512) select_merge_kernel(SelectArgs a, int chunk) {
+  cuda_detail::grid_dep_wait();
+  cuda_detail::grid_dep_launch();
+  extern __shared__ uint32_t dyn[];
+  __shared__ csel::Shared sh;
+  csel::Cluster cluster = csel::this_cluster();
+  const int G = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  cluster.barrier_arrive();  // every block has started before any block writes into block 0 (waited below)
+  const int row = static_cast<int>(blockIdx.x) / G;
+  const int b = row / a.H, h = row % a.H;
+  const int lo = min(rank * chunk, a.P), n_local = min(lo + chunk, a.P) - lo;
+  const float* src = a.scores + b * a.s_b + h * a.s_h + lo;
+  const int slots = G * a.C;
+  uint32_t* mkey = dyn;  // [G][C] candidates' keys (block 0's copy is the one read)
+  int32_t* mpos = reinterpret_cast<int32_t*>(dyn + slots);
+  uint32_t* cached_keys = dyn + 2 * ((slots + 3) / 4 * 4);
+  const int cap = a.caps[b * a.c_b + h * a.c_h];
+  const auto key_at = csel::row_keys<kCached>(src, n_local, cached_keys);
+  const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(a.P, a.C)));
+  const csel::Cut mine = csel::cluster_cut<true>(key_at, kCached ? cached_keys : nullptr, n_local, c, sh, a.span);
+  cluster.barrier_wait();
+  uint32_t* to_key = cluster.map_shared_rank(mkey, 0) + rank * a.C;
+  int32_t* to_pos = cluster.map_shared_rank(mpos, 0) + rank * a.C;
+  csel::emit_in_order(key_at, n_local, mine, sh, [&](uint32_t slot, int i) {
+    to_key[slot] = key_at(i);
+    to_pos[slot] = lo + i;
+  });
+  for (int i = static_cast<int>(mine.take) + static_cast<int>(threadIdx.x); i < a.C; i += blockDim.x) to_key[i] = 0u;
+  cluster.sync();  // block 0 holds every block's candidates
+  if (rank != 0) return;
+  int32_t* out = a.positions + b * a.p_b + h * a.p_h;
+  const auto cand_at = [mkey](int i) { return mkey[i]; };
+  const csel::Cut cut = csel::cluster_cut<true>(cand_at, mkey, slots, c, sh, a.span);
+  csel::emit_in_order(cand_at, slots, cut, sh, [&](uint32_t slot, int i) { out[slot] = mpos[i]; });
+  for (int i = static_cast<int>(cut.take) + static_cast<int>(threadIdx.x); i < a.C; i += blockDim.x) out[i] = -1;
+  if (threadIdx.x == 0) a.counts[b * a.n_b + h * a.n_h] = static_cast<int32_t>(cut.take);
+}
+
 }  // namespace
 
 namespace cuda {
@@ -83,6 +129,20 @@ void select(const Tensor& scores, const Tensor& capacities, const Tensor& positi
                positions.stride[1], counts.ptr<int32_t>(), counts.stride[0], counts.stride[1],
                static_cast<int>(H), static_cast<int>(P), static_cast<int>(C), csel::span_mode()};
   auto s = reinterpret_cast<cudaStream_t>(stream);
+  // The shortlist form where the blocks' candidates fit one block (MIXKV_SELECT_MERGE=0 turns it off)
+  const int G = csel::cluster_blocks(P, scores.device_id);
+  if (G > 1 && G * C <= csel::kMergeMax && csel::env_int("MIXKV_SELECT_MERGE", 1) == 1) {
+    const std::size_t merge_bytes = 2 * static_cast<std::size_t>((G * C + 3) / 4 * 4) * sizeof(uint32_t);
+    const csel::RowClusters plan =
+        csel::plan_row_clusters(rows, P, scores.device_id, "select", sizeof(csel::Shared), merge_bytes);
+    if (plan.cached) {
+      csel::launch_row_clusters(plan, s, select_merge_kernel<true>, a, plan.chunk);
+    } else {
+      csel::launch_row_clusters(plan, s, select_merge_kernel<false>, a, plan.chunk);
+    }
+    MIXKV_CUDA_CHECK_LAUNCH();
+    return;
+  }
   const csel::RowClusters plan = csel::plan_row_clusters(rows, P, scores.device_id, "select", sizeof(csel::Shared));
   if (plan.cached) {
     csel::launch_row_clusters(plan, s, select_rows_kernel<true>, a, plan.chunk);

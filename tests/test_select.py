@@ -252,3 +252,31 @@ def test_narrow_key_spans(device: str, max_cluster: str | None, span: str, monke
         scores[0, 4] = NEG_INF
         scores[0, 4, p - 1] = 2.0  # a single finite score
         check(scores, torch.tensor([[100, 1000, p // 2, 77, 5]]), device, 1)
+
+
+# Rows of a cluster whose blocks' shortlists fit one block (blocks x columns <= 4,096) take the
+# shortlist form on CUDA: each block's top c, then one block's cut of the candidates.
+# MIXKV_SELECT_MERGE=0 takes the one-pass cluster cut instead; both must give the reference.
+@pytest.mark.parametrize("merge", ["1", "0"])
+@pytest.mark.parametrize("max_cluster", [None, "16"])
+def test_shortlists(device: str, merge: str, max_cluster: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIXKV_SELECT_MERGE", merge)
+    if max_cluster is not None:
+        monkeypatch.setenv("MIXKV_SELECT_MAX_CLUSTER", max_cluster)
+    gen = torch.Generator().manual_seed(41)
+    for p, extra in ((4097, 0), (8160, 3), (31_968, 0), (70_001, 0)):
+        scores = torch.rand((2, 6, p), generator=gen) ** 3
+        scores[0, 1] = 0.25  # every score tied: the lowest positions win, across every block
+        scores[0, 2, ::5] = 0.75  # ties among the top, in every block
+        scores[0, 3, : p - 40] = NEG_INF  # left padding: the finite scores in the last block only
+        scores[0, 4] = torch.randint(0, 3, (p,), generator=gen).float()  # few distinct values
+        scores[0, 5, p // 2 :] = NEG_INF  # fewer finite scores in some blocks than the capacity
+        scores[1, :, : p // 3] = NEG_INF
+        scores[1, 2, -1] = float("inf")
+        caps = torch.tensor([[32, 32, 17, 64, 255, 1], [0, 7, 32, 100, 256, 50]])
+        caps[0, 5] = min(p // 2 + 5, 64)
+        check(scores, caps, device, extra)
+    # a capacity above the finite scores of the whole row, and one row entirely -inf
+    scores = torch.full((1, 2, 20_000), NEG_INF)
+    scores[0, 0, 123:140] = torch.rand(17, generator=gen)
+    check(scores, torch.tensor([[40, 40]]), device, 0)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mixkv.ops import POLICIES, capacities
+from mixkv.ops import POLICIES, capacities, capacity_bound
 from mixkv.ops._budget import capacities_into
 
 NEG_INF = float("-inf")
@@ -379,3 +379,82 @@ def test_adakv_heads_beyond_one_block_raise(device: str) -> None:
     with pytest.raises(ValueError, match="too many kv heads"):
         capacities("adakv", imp.to(device), budget=40, window=32, layer_idx=1, num_layers=4)
     torch.cuda.synchronize()  # nothing was left running on the device
+
+
+# ---- capacity_bound ---------------------------------------------------------------------------
+
+
+def bound_of(case: dict[str, object]) -> int:
+    imp = case["imp"]
+    assert isinstance(imp, torch.Tensor)
+    common = {k: case[k] for k in ("budget", "window", "layer_idx", "num_layers")}
+    return capacity_bound(
+        case["policy"],  # type: ignore[arg-type]
+        num_kv_heads=imp.shape[1],
+        prefix=imp.shape[2],
+        **common,  # type: ignore[arg-type]
+        **case["opts"],  # type: ignore[arg-type]
+    )
+
+
+@FIXTURE_OK
+@given(case=problems())
+def test_capacity_bound_holds(case: dict[str, object]) -> None:
+    """No capacity of the reference exceeds the bound, which lies in [0, P] (snapkv: exactly base)."""
+    imp = case["imp"]
+    assert isinstance(imp, torch.Tensor)
+    _, ref_opts = split_options(case, "cpu")
+    common = {k: case[k] for k in ("budget", "window", "layer_idx", "num_layers")}
+    want, _ = reference(case["policy"], imp, valid_lengths=case["valid"], **common, **ref_opts)  # type: ignore[arg-type]
+    bound = bound_of(case)
+    p = imp.shape[2]
+    assert 0 <= bound <= p
+    assert max(max(row) for row in want) <= bound
+    if case["policy"] == "snapkv":
+        assert bound == min(max(case["budget"] - case["window"], 0), p)  # type: ignore[operator]
+
+
+def test_capacity_bound_is_reached() -> None:
+    """pyramidkv's first layer and an AdaKV head that wins every slot (floor 0) reach the bound."""
+    imp = torch.rand(1, 4, 5000) * 1e-6
+    case = make_case("pyramidkv", imp, None, 96, layer_idx=0, num_layers=28, beta=20.0)
+    assert int(capacities("pyramidkv", imp, budget=96, window=32, layer_idx=0, num_layers=28).max()) == bound_of(case)
+    assert bound_of(case) == 2 * 64 - 64 // 20
+    imp[0, 2] = 1.0 + torch.rand(5000)
+    case = make_case("adakv", imp, None, 96, floor=0.0, normalize=True)
+    caps = capacities("adakv", imp, budget=96, window=32, layer_idx=1, num_layers=4, floor=0.0)
+    assert int(caps.max()) == bound_of(case) == 4 * 64
+    case = make_case("adakv", imp, None, 96, skip=2)
+    assert bound_of(case) == 64  # layers below skip keep base
+    assert bound_of(make_case("sparsemm", imp, None, 96, head_scores=torch.full((4, 4), 1 / 16))) == 5000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"policy": "h2o"}, ValueError, "policy"),
+        ({"budget": 0}, ValueError, "budget"),
+        ({"window": 0}, ValueError, "window"),
+        ({"layer_idx": 4}, ValueError, "layer_idx"),
+        ({"num_kv_heads": 0}, ValueError, "num_kv_heads"),
+        ({"prefix": -1}, ValueError, "prefix"),
+        ({"prefix": 3.0}, TypeError, "prefix"),
+        ({"beta": 2.0}, TypeError, "beta"),
+        ({"policy": "pyramidkv", "beta": 0.0}, ValueError, "beta"),
+        ({"policy": "adakv", "floor": 2.0}, ValueError, "floor"),
+    ],
+)
+def test_capacity_bound_rejects_bad_arguments(kwargs: dict[str, object], error: type, match: str) -> None:
+    args: dict[str, object] = {
+        "policy": "snapkv",
+        "budget": 64,
+        "window": 32,
+        "layer_idx": 1,
+        "num_layers": 4,
+        "num_kv_heads": 4,
+        "prefix": 100,
+    }
+    args.update(kwargs)
+    policy = args.pop("policy")
+    with pytest.raises(error, match=match):
+        capacity_bound(policy, **args)  # type: ignore[arg-type]

@@ -139,6 +139,16 @@ NB_MODULE(_core, m) {
       nb::arg("stream"));
 
   m.def(
+      "capacity_bound",
+      [](int policy, int64_t budget, int64_t window, int64_t layer_idx, int64_t num_layers, double beta,
+         double floor, bool normalize, int64_t skip, double ratio, int64_t H, int64_t P) {
+        return mixkv::capacity_bound(
+            budget_options(policy, budget, window, layer_idx, num_layers, beta, floor, normalize, skip, ratio), H, P);
+      },
+      nb::arg("policy"), nb::arg("budget"), nb::arg("window"), nb::arg("layer_idx"), nb::arg("num_layers"),
+      nb::arg("pyramid_beta"), nb::arg("ada_floor"), nb::arg("ada_normalize"), nb::arg("ada_skip"),
+      nb::arg("sparsemm_ratio"), nb::arg("H"), nb::arg("P"));
+  m.def(
       "capacities_select_workspace_bytes",
       [](int policy, int64_t budget, int64_t window, int64_t layer_idx, int64_t num_layers, int64_t skip, int64_t B,
          int64_t H, int64_t P) {

@@ -118,6 +118,25 @@ std::size_t capacities_workspace_bytes(int64_t B, int64_t Hkv, int64_t P) {
   return static_cast<std::size_t>(round(cells * 256) + round(cells * 4) + round(cells * std::max<int64_t>(P, 1) * 4));
 }
 
+int64_t capacity_bound(const BudgetOptions& o, int64_t Hkv, int64_t P) {
+  check_options(o);
+  require(Hkv >= 1, "Hkv must be >= 1, got ", Hkv);
+  require(P >= 0, "P must be >= 0, got ", P);
+  const int64_t base = std::max<int64_t>(o.budget - o.window, 0);
+  int64_t bound = P;
+  switch (o.policy) {
+    case Policy::snapkv: bound = base; break;
+    case Policy::pyramidkv:  // mx of the formula before its clamp to P_b; no layer exceeds it
+      bound = 2 * base - static_cast<int64_t>(std::floor(static_cast<double>(base) / o.pyramid_beta));
+      break;
+    case Policy::adakv:  // a_h <= Hkv base slots: c_h <= a_h (1 - floor) + floor base <= Hkv base
+      bound = o.layer_idx < o.ada_skip ? base : (base > P / Hkv ? P : Hkv * base);
+      break;
+    case Policy::sparsemm: break;
+  }
+  return std::clamp<int64_t>(bound, 0, P);
+}
+
 void capacities(const BudgetOptions& options, const Tensor& importance, const Tensor& valid_lengths,
                 const Tensor& head_scores, const Tensor& out, const Tensor& workspace, std::uintptr_t stream) {
   detail::check_capacity_args(options, importance, valid_lengths, head_scores, out);

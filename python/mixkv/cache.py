@@ -25,7 +25,15 @@ from mixkv import _attention
 from mixkv._checks import check_choice, check_int
 from mixkv._runtime import to_device_async
 from mixkv.adapters import TextModelSpec, text_model_spec
-from mixkv.ops import GQA_REDUCTIONS, METHODS, POLICIES, POOLINGS, capacities_select_into, compute_scores
+from mixkv.ops import (
+    GQA_REDUCTIONS,
+    METHODS,
+    POLICIES,
+    POOLINGS,
+    capacities_select_into,
+    capacity_bound,
+    compute_scores,
+)
 from mixkv.store import VarlenKVStore
 from mixkv.tables import TableSource, load_redundancy_table, load_sparsemm_table
 
@@ -329,7 +337,18 @@ class MixKVLayer(CacheLayerMixin):
             # The scores, capacities and selection come from this layer's own tensors: no value
             # checks (each would synchronise the device); the store reads the counts once.
             caps = torch.empty((batch, num_kv_heads), dtype=torch.int32, device=keys.device)
-            columns = length - window  # every capacity lies in [0, N - W]
+            # no capacity of this layer exceeds the policy's bound (at most N - W)
+            bound = capacity_bound(
+                s.policy,
+                budget=s.budget,
+                window=window,
+                layer_idx=self.layer_idx,
+                num_layers=s.num_layers,
+                num_kv_heads=num_kv_heads,
+                prefix=length - window,
+                **options,
+            )
+            columns = max(bound, 1)
             positions = torch.empty((batch, num_kv_heads, columns), dtype=torch.int32, device=keys.device)
             counts = torch.empty((batch, num_kv_heads), dtype=torch.int32, device=keys.device)
             capacities_select_into(

@@ -98,6 +98,10 @@ void random_case(std::mt19937& rng) {
     const auto want = expected(o, rows, H, P, Pb, hs);
     for (int64_t h = 0; h < H; ++h) CHECK(out[b * H + h] == want[h]);
   }
+  // no capacity exceeds the layer's bound (sparsemm's only when the head scores stay within [0, 1])
+  const int64_t bound = mixkv::capacity_bound(o, H, P);
+  CHECK(bound >= 0 && bound <= P);
+  for (int64_t i = 0; i < B * H; ++i) CHECK(out[i] <= bound);
 }
 
 }  // namespace
@@ -134,6 +138,10 @@ int main() {
   bad = o;
   bad.pyramid_beta = 0.0;
   CHECK(mixkv_test::throws_invalid([&] { call(bad, false); }));
+  CHECK(mixkv_test::throws_invalid([&] { mixkv::capacity_bound(bad, 2, 8); }));
+  CHECK(mixkv_test::throws_invalid([&] { mixkv::capacity_bound(o, 0, 8); }));
+  CHECK(mixkv_test::throws_invalid([&] { mixkv::capacity_bound(o, 2, -1); }));
+  CHECK(mixkv::capacity_bound(o, 2, 8) == 4 && mixkv::capacity_bound(o, 2, 3) == 3);
   bad = o;
   bad.policy = mixkv::Policy::adakv;
   A[5] = std::nanf("");

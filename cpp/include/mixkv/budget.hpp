@@ -55,6 +55,13 @@ struct BudgetOptions {
 //   holds float64 partial sums, counts and float32 candidate scores: about 4 * B * Hkv * (P + 65)
 //   bytes.
 std::size_t capacities_workspace_bytes(int64_t B, int64_t Hkv, int64_t P);
+
+// The largest capacity `capacities` can give any (sequence, head) of a layer of Hkv heads and P prefix
+// columns under `options`, whatever the importance and valid lengths: a column count for the positions of
+// the selection that follows (P where no smaller bound holds). With base = max(budget - W, 0):
+//   snapkv min(base, P); pyramidkv min(2 base - floor(base / beta), P); adakv min(Hkv base, P) (layers
+//   below skip: min(base, P)); sparsemm P (its capacities follow the head scores).
+int64_t capacity_bound(const BudgetOptions& options, int64_t Hkv, int64_t P);
 void capacities(const BudgetOptions& options, const Tensor& importance, const Tensor& valid_lengths,
                 const Tensor& head_scores, const Tensor& out, const Tensor& workspace,
                 std::uintptr_t stream);

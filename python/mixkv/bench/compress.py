@@ -36,12 +36,21 @@ def make_step(
     layers: int,
 ) -> Callable[[], None]:
     """The mixkv compression step of one layer on fixed tensors (outputs preallocated)."""
-    from mixkv.ops import capacities_select_into, compute_scores
+    from mixkv.ops import capacities_select_into, capacity_bound, compute_scores
 
     batch, kv_heads, n = k.shape[0], k.shape[1], k.shape[2]
     prefix = n - WINDOW
     caps = torch.empty(batch, kv_heads, dtype=torch.int32, device=k.device)
-    max_cap = max(0, min(budget - WINDOW, prefix)) if policy == "snapkv" else prefix
+    # as the cache sizes them: the policy's capacity bound
+    max_cap = capacity_bound(
+        policy,
+        budget=budget,
+        window=WINDOW,
+        layer_idx=layers // 2,
+        num_layers=layers,
+        num_kv_heads=kv_heads,
+        prefix=prefix,
+    )
     positions = torch.empty(batch, kv_heads, max(max_cap, 1), dtype=torch.int32, device=k.device)
     counts = torch.empty(batch, kv_heads, dtype=torch.int32, device=k.device)
 

@@ -254,3 +254,50 @@ def capacities(
         **policy_options,
     )
     return out
+
+
+def capacity_bound(
+    policy: str,
+    *,
+    budget: int,
+    window: int,
+    layer_idx: int,
+    num_layers: int,
+    num_kv_heads: int,
+    prefix: int,
+    **policy_options: object,
+) -> int:
+    """The largest capacity :func:`capacities` can give any ``(sequence, kv head)`` of this layer.
+
+    Whatever the importance and valid lengths, for ``num_kv_heads`` heads and ``prefix`` (``P``)
+    columns: a column count for the positions of the selection that follows (fewer columns, less
+    padding written, and on CUDA the short selection path). snapkv ``min(base, P)``, pyramidkv
+    ``min(2 base - floor(base / beta), P)``, adakv ``min(Hkv base, P)`` (``base`` below ``skip``),
+    sparsemm ``P``. Same options as :func:`capacities` (``head_scores`` is not read).
+    """
+    check_choice("policy", policy, POLICIES)
+    budget = check_int("budget", budget, minimum=1)
+    window = check_int("window", window, minimum=1)
+    num_layers = check_int("num_layers", num_layers, minimum=1)
+    layer_idx = check_int("layer_idx", layer_idx, minimum=0)
+    if layer_idx >= num_layers:
+        raise ValueError(f"layer_idx must lie in [0, {num_layers}) (num_layers), got {layer_idx}")
+    heads = check_int("num_kv_heads", num_kv_heads, minimum=1)
+    columns = check_int("prefix", prefix, minimum=0)
+    opts = _resolve_options(policy, dict(policy_options))
+    return int(
+        _core.capacity_bound(  # type: ignore[call-overload]
+            POLICIES.index(policy),
+            budget,
+            window,
+            layer_idx,
+            num_layers,
+            float(opts.get("beta", 20.0)),  # type: ignore[arg-type]
+            float(opts.get("floor", 0.2)),  # type: ignore[arg-type]
+            bool(opts.get("normalize", True)),
+            int(opts.get("skip", 0)),  # type: ignore[call-overload]
+            float(opts.get("ratio", 0.1)),  # type: ignore[arg-type]
+            heads,
+            columns,
+        )
+    )

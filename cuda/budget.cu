@@ -219,9 +219,118 @@ union TopCandShared {
   csel::Shared cand;
 };
 
+// The shortlist forms of the two row kinds (rows of G blocks whose G · m candidates fit one block; see
+// select_merge_kernel): each block cuts its chunk to its top m alone and writes those keys (and positions)
+// into block 0's shared memory (`mkey` / `mpos`: G slots of m, unused entries below -inf) behind one cluster
+// barrier; block 0 then cuts the G · m candidates. The row's top m (and top base) lie among them.
+struct Merged {
+  uint32_t* key;  // [G][m] in this block's shared memory (block 0's copy is the one read)
+  int32_t* pos;
+};
+
+// Pushes this block's top `take` entries (order keys, positions lo + i) into slot `rank` of block 0's
+// Merged arrays, -inf past them; waits for the cluster barrier the caller arrived at first, and syncs
+// the cluster after (block 0 then holds every block's entries).
+template <typename KeyAt>
+__device__ __forceinline__ void push_shortlist(KeyAt key_at, int n_local, const csel::Cut& mine, csel::Shared& sh,
+                                               const csel::Cluster& cluster, int rank, const Merged& mg, int m,
+                                               int lo, bool with_pos) {
+  cluster.barrier_wait();  // every block of the cluster has started (arrived at its start)
+  uint32_t* to_key = cluster.map_shared_rank(mg.key, 0) + rank * m;
+  int32_t* to_pos = cluster.map_shared_rank(mg.pos, 0) + rank * m;
+  csel::emit_in_order(key_at, n_local, mine, sh, [&](uint32_t slot, int i) {
+    to_key[slot] = key_at(i);
+    if (with_pos) to_pos[slot] = lo + i;
+  });
+  for (int i = static_cast<int>(mine.take) + static_cast<int>(threadIdx.x); i < m; i += blockDim.x) to_key[i] = 0u;
+  cluster.sync();
+}
+
+template <bool kCached, int NT>
+__device__ __forceinline__ void adakv_top_row_merge(const BudgetArgs& a, const AdaWork& w, int row,
+                                                    const csel::Cluster& cluster, int G, int rank, const Merged& mg,
+                                                    uint32_t* cached_keys, TopCandShared<NT>& u) {
+  csel::SharedT<NT>& sh = u.top;  // the two-target view (sums, the shortlist's cut)
+  csel::Shared& sh1 = u.cand;     // and the one-target view of the same storage (this block's cut)
+  const int b = row / a.H, h = row % a.H;
+  const int64_t pb64 = prefix_of(a, b);
+  if (!adakv_ranks(a, pb64)) return;  // uniform over the cluster
+  cluster.barrier_arrive();
+  const int pb = static_cast<int>(pb64);
+  const int chunk = (pb + G - 1) / G;
+  const int lo = min(rank * chunk, pb), n_local = min(lo + chunk, pb) - lo;
+  const float* src = a.imp + b * a.i_b + h * a.i_h + (a.P - pb) + lo;
+  const auto key_at = csel::row_keys<kCached>(src, n_local, cached_keys);
+  const int m = static_cast<int>(a.base * a.H < pb64 ? a.base * a.H : pb64);
+  const csel::Cut mine = csel::cluster_cut<true>(key_at, kCached ? cached_keys : nullptr, n_local,
+                                                 static_cast<uint32_t>(m), sh1, a.span);
+  double* part = w.parts + static_cast<int64_t>(row) * csel::kMaxCluster * 2;
+  if constexpr (NT == 2) {  // this block's sum of all its scores (fixed order, as adakv_top_row)
+    double all = 0.0, none = 0.0;
+    for (int i = threadIdx.x; i < n_local; i += blockDim.x) all += static_cast<double>(rx::key_value(key_at(i)));
+    csel::block_sum2(all, none, sh);
+    if (threadIdx.x == 0) part[2 * rank] = all, part[2 * rank + 1] = 0.0;
+    __syncthreads();  // thread 0 has read the warps' sums before the storage is reused
+  }
+  push_shortlist(key_at, n_local, mine, sh1, cluster, rank, mg, m, lo, false);
+  if (rank != 0) return;
+  const auto cand_at = [&mg](int i) { return mg.key[i]; };
+  uint32_t c[NT];
+  c[0] = static_cast<uint32_t>(m);
+  if constexpr (NT == 2) c[1] = static_cast<uint32_t>(a.base);
+  csel::Cut cut[NT];
+  csel::cluster_cut<NT, true>(cand_at, mg.key, G * m, c, sh, cut, a.span);
+  if constexpr (NT == 2) {  // the sum of the row's top base scores, all from the shortlist
+    const uint32_t T = cut[1].key;
+    double top = 0.0, none = 0.0;
+    for (int i = threadIdx.x; i < G * m; i += blockDim.x) {
+      const uint32_t key = mg.key[i];
+      top += cut[1].take > 0 && key > T ? static_cast<double>(rx::key_value(key)) : 0.0;
+    }
+    csel::block_sum2(top, none, sh);
+    if (threadIdx.x == 0) {
+      if (cut[1].take_equal > 0) top += static_cast<double>(cut[1].take_equal) * static_cast<double>(rx::key_value(T));
+      part[1] = top;
+    }
+  }
+  if (threadIdx.x == 0) w.counts[row] = cut[0].take;
+  float* cand = w.candidates + static_cast<int64_t>(row) * w.stride;
+  csel::emit_in_order(cand_at, G * m, cut[0], sh, [&](uint32_t slot, int i) { cand[slot] = rx::key_value(mg.key[i]); });
+}
+
+template <bool kCached>
+__device__ __forceinline__ void candidate_row_merge(const BudgetArgs& a, const CandWork& c, int row,
+                                                    const csel::Cluster& cluster, int G, int rank, const Merged& mg,
+                                                    uint32_t* cached_keys, csel::Shared& sh) {
+  cluster.barrier_arrive();
+  const int b = row / a.H, h = row % a.H;
+  const int chunk = (a.P + G - 1) / G;
+  const int lo = min(rank * chunk, a.P), n_local = min(lo + chunk, a.P) - lo;
+  const auto key_at = csel::row_keys<kCached>(c.scores + b * c.s_b + h * c.s_h + lo, n_local, cached_keys);
+  const csel::Cut mine =
+      csel::cluster_cut<true>(key_at, kCached ? cached_keys : nullptr, n_local, static_cast<uint32_t>(c.m), sh, a.span);
+  int32_t* out = c.positions + b * c.p_b + h * c.p_h;
+  const int stride = G * static_cast<int>(blockDim.x);
+  for (int i = c.m + rank * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x); i < c.C; i += stride) out[i] = -1;
+  push_shortlist(key_at, n_local, mine, sh, cluster, rank, mg, c.m, lo, true);
+  if (rank != 0) return;
+  const auto cand_at = [&mg](int i) { return mg.key[i]; };
+  const csel::Cut cut = csel::cluster_cut<true>(cand_at, mg.key, G * c.m, static_cast<uint32_t>(c.m), sh, a.span);
+  int32_t* cpos = c.pos + static_cast<int64_t>(row) * c.m;
+  uint32_t* ckey = c.key + static_cast<int64_t>(row) * c.m;
+  csel::emit_in_order(cand_at, G * c.m, cut, sh, [&](uint32_t slot, int i) {
+    cpos[slot] = mg.pos[i];
+    ckey[slot] = mg.key[i];
+  });
+  if (threadIdx.x == 0) c.count[row] = cut.take;
+}
+
+
 // Clusters [0, B * H) of the grid: adakv_top_row; clusters [B * H, 2 B * H): candidate_row. Both
 // halves read rows of P scores, so they share the launch shape and run side by side.
-template <bool kCached, int NT>
+// kMerge: the shortlist forms (G · m <= kMergeMax; dynamic shared memory holds the Merged arrays, 2 ·
+// round4(G · m) words, ahead of the cached keys).
+template <bool kCached, int NT, bool kMerge = false>
 __global__ void __launch_bounds__(512, 1) adakv_top_candidates_kernel(BudgetArgs a, AdaWork w, CandWork c) {
   cuda_detail::grid_dep_wait();  // the previous kernel's results (pdl.cuh)
   cuda_detail::grid_dep_launch();
@@ -230,7 +339,16 @@ __global__ void __launch_bounds__(512, 1) adakv_top_candidates_kernel(BudgetArgs
   csel::Cluster cluster = csel::this_cluster();
   const int G = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
   const int index = static_cast<int>(blockIdx.x) / G, cells = a.B * a.H;
-  if (index < cells) {
+  if constexpr (kMerge) {
+    const int words = (G * c.m + 3) / 4 * 4;
+    const Merged mg{cached_keys, reinterpret_cast<int32_t*>(cached_keys + words)};
+    uint32_t* keys = cached_keys + 2 * words;
+    if (index < cells) {
+      adakv_top_row_merge<kCached, NT>(a, w, index, cluster, G, rank, mg, keys, sh);
+    } else {
+      candidate_row_merge<kCached>(a, c, index - cells, cluster, G, rank, mg, keys, sh.cand);
+    }
+  } else if (index < cells) {
     adakv_top_row<kCached, NT>(a, w, index, cluster, G, rank, cached_keys, sh.top);
   } else {
     candidate_row<kCached>(a, c, index - cells, cluster, G, rank, cached_keys, sh.cand);
@@ -548,20 +666,28 @@ void launch_top(const BudgetArgs& a, AdaWork& w, int device, cudaStream_t s) {
   MIXKV_CUDA_CHECK_LAUNCH();
 }
 
-template <int NT>
-csel::RowClusters plan_top_candidates(const BudgetArgs& a, int device) {
-  return csel::plan_row_clusters(2 * static_cast<int64_t>(a.B) * a.H, a.P, device, "capacities_select",
-                                 sizeof(TopCandShared<NT>));
+// The shortlist forms where a row's G blocks' m candidates each fit one block (MIXKV_SELECT_MERGE=0: never).
+inline bool merge_shortlists(int64_t m, int64_t P, int device) {
+  const int G = csel::cluster_blocks(P, device);
+  return G > 1 && G * m <= csel::kMergeMax && csel::env_int("MIXKV_SELECT_MERGE", 1) == 1;
 }
 
 template <int NT>
+csel::RowClusters plan_top_candidates(const BudgetArgs& a, int64_t m, bool merge, int device) {
+  const int G = csel::cluster_blocks(a.P, device);
+  const std::size_t merge_bytes = merge ? 2 * static_cast<std::size_t>((G * m + 3) / 4 * 4) * sizeof(uint32_t) : 0;
+  return csel::plan_row_clusters(2 * static_cast<int64_t>(a.B) * a.H, a.P, device, "capacities_select",
+                                 sizeof(TopCandShared<NT>), merge_bytes);
+}
+
+template <int NT, bool kMerge>
 void launch_top_candidates(const csel::RowClusters& plan, const BudgetArgs& a, AdaWork& w, const CandWork& c,
                            cudaStream_t s) {
   w.top_blocks = plan.G;
   if (plan.cached) {
-    csel::launch_row_clusters(plan, s, adakv_top_candidates_kernel<true, NT>, a, w, c);
+    csel::launch_row_clusters(plan, s, adakv_top_candidates_kernel<true, NT, kMerge>, a, w, c);
   } else {
-    csel::launch_row_clusters(plan, s, adakv_top_candidates_kernel<false, NT>, a, w, c);
+    csel::launch_row_clusters(plan, s, adakv_top_candidates_kernel<false, NT, kMerge>, a, w, c);
   }
   MIXKV_CUDA_CHECK_LAUNCH();
 }
@@ -619,7 +745,9 @@ void capacities_select(const BudgetOptions& o, const Tensor& importance, const T
   cuda_detail::DeviceGuard guard(importance.device_id);
   const int device = importance.device_id;
   const BudgetArgs a = budget_args(o, importance, valid_lengths, head_scores, caps);
-  const csel::RowClusters plan = o.ada_normalize ? plan_top_candidates<2>(a, device) : plan_top_candidates<1>(a, device);
+  const bool merge = merge_shortlists(m, P, device);
+  const csel::RowClusters plan =
+      o.ada_normalize ? plan_top_candidates<2>(a, m, merge, device) : plan_top_candidates<1>(a, m, merge, device);
   // The candidate rows run beside the ranking only while both halves fit one wave of one block per
   // multiprocessor (H100: B = 1, Hkv = 4 at 2k-32k: 8-64 blocks); in more waves they add their own
   // (B = 8, Hkv = 32, P = 2,000: 47.4 us fused against 40.7 for the two operations).
@@ -640,10 +768,16 @@ void capacities_select(const BudgetOptions& o, const Tensor& importance, const T
   c.pos = reinterpret_cast<int32_t*>(extra + align256(4 * cells));
   c.key = reinterpret_cast<uint32_t*>(extra + align256(4 * cells) + align256(4 * cells * static_cast<std::size_t>(m)));
   c.m = static_cast<int>(m);
-  if (o.ada_normalize) {
-    launch_top_candidates<2>(plan, a, w, c, s);
+  if (merge) {
+    if (o.ada_normalize) {
+      launch_top_candidates<2, true>(plan, a, w, c, s);
+    } else {
+      launch_top_candidates<1, true>(plan, a, w, c, s);
+    }
+  } else if (o.ada_normalize) {
+    launch_top_candidates<2, false>(plan, a, w, c, s);
   } else {
-    launch_top_candidates<1>(plan, a, w, c, s);
+    launch_top_candidates<1, false>(plan, a, w, c, s);
   }
   launch_alloc(a, w, device, s);
   PickArgs p{caps.ptr<int32_t>(), caps.stride[0], caps.stride[1], c.count, c.pos, c.key, c.m,

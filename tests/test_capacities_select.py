@@ -120,20 +120,24 @@ def test_capacities_select_matches_reference(device: str, problem: tuple[dict[st
 
 
 # MIXKV_SELECT_MAX_CLUSTER caps the blocks per row on CUDA ("1": the one-block path of devices before
-# sm_90); the CPU twin ignores it.
-@pytest.mark.parametrize("max_cluster", [None, "1"])
-def test_fused_shapes_match_two_calls(device: str, max_cluster: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+# sm_90); MIXKV_SELECT_MERGE=0 turns the shortlist form of cluster rows off. The CPU twin ignores both.
+@pytest.mark.parametrize(("max_cluster", "merge"), [(None, "1"), (None, "0"), ("1", "1")])
+def test_fused_shapes_match_two_calls(
+    device: str, max_cluster: str | None, merge: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every launch shape of the fused path against capacities_into + select_into on the same device:
     candidates per row at most 256 (ranked per thread) and above (radix cut), rows of one block and of
-    clusters, padding, the skip layers, m >= P and more rows than one wave holds (no fusion), normalised
-    or not."""
+    clusters (shortlists of G x m <= 4,096 or not), padding, the skip layers, m >= P and more rows than one
+    wave holds (no fusion), normalised or not."""
+    monkeypatch.setenv("MIXKV_SELECT_MERGE", merge)
     if max_cluster is not None:
         monkeypatch.setenv("MIXKV_SELECT_MAX_CLUSTER", max_cluster)
     gen = torch.Generator().manual_seed(11)
     shapes = [  # (batch, heads, P, budget, valid)
         (1, 4, 2016, 64, None),  # m = 128
-        (1, 4, 31968, 64, None),  # m = 128, clusters of 8
-        (2, 4, 8160, 256, [8192, 5000]),  # m = 896: radix pick
+        (1, 4, 31968, 64, None),  # m = 128, clusters of 8 (shortlists)
+        (2, 4, 31968, 64, [32000, 9000]),  # a padded row: empty chunks in its cluster
+        (2, 4, 8160, 256, [8192, 5000]),  # m = 896: radix pick (shortlists of 2 x 896)
         (1, 7, 9000, 600, None),  # m = 3,976
         (3, 2, 300, 100, [332, 40, 150]),  # m = 136, padded rows, one row below the budget
         (1, 4, 100, 64, None),  # m = 128 >= P: the two operations

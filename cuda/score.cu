@@ -52,7 +52,6 @@ constexpr int kLds = kTile + 4;    // row stride of a warp's logit scratch (floa
 constexpr int kMinWarps = 4;
 constexpr int kMaxWarps = 16;
 constexpr int kFinalThreads = 256;  // finalize: one column per thread
-constexpr int kFoldFinalMax = 4096;  // Params::fold_final
 constexpr int kStages = 3;         // key (and value) tiles in flight in tensor-core pass 2
 // key tiles in flight in tensor-core pass 1 (its ring of tile_ring.cuh); 3 at head dimension 256 so
 // that the ring fits sm_80's 163 KiB per block
@@ -160,9 +159,6 @@ struct Params {
   // squared key norms (kn_pass1), and pass 2 takes k·m from three spare query rows that hold the mean key
   // (km_rows); pass2_finish turns them into norms and k̂·m in place.
   bool kn_pass1, km_rows;
-  // Rows of at most kFoldFinalMax prefix columns: the last pass-2 block of each row writes its final
-  // columns itself (final_column) and finalize_kernel is not launched. MIXKV_SCORE_FOLD=0: never.
-  bool fold_final;
   bool q_pairs;  // query rows 4-byte aligned: element pairs load as one word
   bool q_vec;    // query rows 16-byte aligned: 8-element pieces load as one vector
   // L2 eviction hints of pass 2's tile copies (tensor-core path): 0 none; 1 values evict first (read
@@ -325,52 +321,6 @@ __device__ void pass1_finish(const Params<T>& p) {
   }
 }
 
-template <bool kCoherent>
-__device__ __forceinline__ float load_f(const float* x) {
-  if constexpr (kCoherent) {
-    return __ldcg(x);
-  } else {
-    return *x;
-  }
-}
-
-// Column j of row bh: pooling and mixing with pass 2's constants f (r = f[0]); -inf on padding (j < s0).
-// kCoherent: loads through L2 (the row's signals were written by other blocks of the running grid).
-template <typename T, bool kCoherent>
-__device__ __forceinline__ void final_column(const Params<T>& p, int bh, int s0, int j, const float* f) {
-  const int64_t col0 = int64_t(bh) * p.P;
-  float* out = p.scores + col0;
-  float* imp = p.importance != nullptr ? p.importance + col0 : nullptr;
-  if (j < s0) {
-    out[j] = -INFINITY;
-    if (imp) imp[j] = -INFINITY;
-    return;
-  }
-  const float r = f[0];
-  const float a = pooled_at<kCoherent>(p.raw_a + col0, j, s0, p.P, p.kernel / 2,
-                                       p.pooling == static_cast<int>(Pooling::avg), p.kernel);
-  const float vn = p.need_v ? (load_f<kCoherent>(p.vnorm + col0 + j) - f[1]) / f[2] * f[3] : 0.0f;
-  const float kn = p.need_kn ? (-load_f<kCoherent>(p.knorm + col0 + j) - f[4]) / f[5] * f[6] : 0.0f;
-  const float dv = p.need_d ? (-load_f<kCoherent>(p.sdot + col0 + j) - f[7]) / f[8] * f[9] : 0.0f;
-  float s = a;
-  switch (static_cast<Method>(p.method)) {
-    case Method::attn: s = a; break;
-    case Method::keydiff: s = dv; break;
-    case Method::vnorm: s = a + vn; break;
-    case Method::knorm: s = a + kn; break;
-    case Method::uniform_mix: s = (a + dv + vn) / 3.0f; break;
-    case Method::mixkv: s = r * dv + (1.0f - r) * (a + vn); break;
-  }
-  out[j] = s;
-  if (imp) imp[j] = a;
-}
-
-// redundancy_out: only mixkv uses an r
-template <typename T>
-__device__ __forceinline__ void write_r_out(const Params<T>& p, int bh, float r) {
-  if (p.r_out != nullptr) p.r_out[bh] = static_cast<Method>(p.method) == Method::mixkv ? r : NAN;
-}
-
 // End of pass 2 (every block, after its raw_a / norm writes): the chunk's partials — the sum of the
 // pooled importance over its columns whose pooling window lies inside the chunk, and for each signal
 // (value norm, −key norm, −k̂·m) the minimum, maximum and Σ(x − minimum). The last block of each b·h
@@ -513,14 +463,6 @@ __device__ void pass2_finish(const Params<T>& p, cuda_detail::Stamps* stamp = nu
         f[1 + 3 * s] = tot[1 + 3 * s], f[2 + 3 * s] = range, f[3 + 3 * s] = mean_a / (mnorm + 1e-8f);
       }
     }
-  }
-  if (p.fold_final) {  // short rows: this block also writes the row's columns (no finalize launch)
-    __syncthreads();   // thread 0's constants are written
-    float f[kFin];
-#pragma unroll
-    for (int k = 0; k < kFin; ++k) f[k] = __ldcg(p.fin + int64_t(bh) * kFin + k);
-    if (threadIdx.x == 0) write_r_out(p, bh, f[0]);
-    for (int j = threadIdx.x; j < p.P; j += blockDim.x) final_column<T, true>(p, bh, s0, j, f);
   }
 }
 
@@ -2008,9 +1950,35 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(Params<T> p) {
   const int bh = blockIdx.y, b = bh / p.Hkv;
   const int n = seq_length(p.valid, p.valid_stride, b, p.N), s0 = p.N - n;
   const float* f = p.fin + int64_t(bh) * kFin;
-  if (blockIdx.x == 0 && threadIdx.x == 0) write_r_out(p, bh, f[0]);
+  const float r = f[0];
+  if (blockIdx.x == 0 && threadIdx.x == 0 && p.r_out != nullptr)
+    p.r_out[bh] = static_cast<Method>(p.method) == Method::mixkv ? r : NAN;  // only mixkv uses an r
   const int j = blockIdx.x * kFinalThreads + threadIdx.x;
-  if (j < p.P) final_column<T, false>(p, bh, s0, j, f);
+  if (j >= p.P) return;
+  const int64_t col0 = int64_t(bh) * p.P;
+  float* out = p.scores + col0;
+  float* imp = p.importance != nullptr ? p.importance + col0 : nullptr;
+  if (j < s0) {
+    out[j] = -INFINITY;
+    if (imp) imp[j] = -INFINITY;
+    return;
+  }
+  const float a =
+      pooled_at<false>(p.raw_a + col0, j, s0, p.P, p.kernel / 2, p.pooling == static_cast<int>(Pooling::avg), p.kernel);
+  const float vn = p.need_v ? (p.vnorm[col0 + j] - f[1]) / f[2] * f[3] : 0.0f;
+  const float kn = p.need_kn ? (-p.knorm[col0 + j] - f[4]) / f[5] * f[6] : 0.0f;
+  const float dv = p.need_d ? (-p.sdot[col0 + j] - f[7]) / f[8] * f[9] : 0.0f;
+  float s = a;
+  switch (static_cast<Method>(p.method)) {
+    case Method::attn: s = a; break;
+    case Method::keydiff: s = dv; break;
+    case Method::vnorm: s = a + vn; break;
+    case Method::knorm: s = a + kn; break;
+    case Method::uniform_mix: s = (a + dv + vn) / 3.0f; break;
+    case Method::mixkv: s = r * dv + (1.0f - r) * (a + vn); break;
+  }
+  out[j] = s;
+  if (imp) imp[j] = a;
 }
 
 // head_redundancy: per-chunk sums of unit keys, then one block per (b, h).
@@ -2367,7 +2335,6 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   p.need_kn = o.method == Method::knorm;
   p.need_d = o.method == Method::keydiff || o.method == Method::uniform_mix || o.method == Method::mixkv;
   p.kn_pass1 = p.km_rows = false;
-  p.fold_final = d.P <= kFoldFinalMax && env_int("MIXKV_SCORE_FOLD", 1) == 1;
   require(int64_t(d.Rp) * d.chunks1 < (int64_t(1) << 31), "score: shape too large");
 
   const unsigned bh = static_cast<unsigned>(d.B * d.Hkv);
@@ -2402,9 +2369,8 @@ void launch_score(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
     launch(pass1_kernel<T>, dim3(static_cast<unsigned>(d.chunks1), bh), threads, smem1, stream, false, p);
     launch(pass2_kernel<T>, dim3(static_cast<unsigned>(d.chunks2), bh), threads, smem2, stream, pdl, p);
   }
-  if (!p.fold_final)
-    launch(finalize_kernel<T>, dim3(static_cast<unsigned>(cdiv(d.P, kFinalThreads)), bh), kFinalThreads, 0, stream,
-           pdl, p);
+  launch(finalize_kernel<T>, dim3(static_cast<unsigned>(cdiv(d.P, kFinalThreads)), bh), kFinalThreads, 0, stream, pdl,
+         p);
 }
 
 template <typename T>

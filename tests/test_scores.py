@@ -408,29 +408,6 @@ def test_importance_without_the_mean_key(monkeypatch: pytest.MonkeyPatch, device
     torch.testing.assert_close(attn.scores, attn.importance, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("n", [700, 4128, 4129])
-def test_final_columns_in_pass2(monkeypatch: pytest.MonkeyPatch, device: str, n: int) -> None:
-    """Rows of at most 4,096 prefix columns get their final columns from pass 2's last block on CUDA
-    (MIXKV_SCORE_FOLD=0: from the finalize kernel): the same scores, importance and r, bit for bit."""
-    if device == "cpu" and n > 1000:
-        pytest.skip("the CPU twin has one path")
-    q, k, v = make_inputs(2, 28, 4, n, 32, 128, torch.bfloat16, device, n)
-    valid = torch.tensor([n, n // 3], device=device)
-    for method in METHODS:
-        opts = {"method": method, "pooling": "avg", "kernel_size": 5, "gqa": "mean"}
-        monkeypatch.setenv("MIXKV_SCORE_FOLD", "1")
-        folded = run_core(q, k, v, valid=valid, **opts)
-        monkeypatch.setenv("MIXKV_SCORE_FOLD", "0")
-        apart = run_core(q, k, v, valid=valid, **opts)
-        assert torch.equal(folded.scores, apart.scores), method
-        assert torch.equal(folded.importance, apart.importance), method
-        torch.testing.assert_close(folded.redundancy, apart.redundancy, rtol=0, atol=0, equal_nan=True)
-        if method == "mixkv" and n < 1000:
-            want = reference(q, k, v, redundancy=None, valid=[n, n // 3], scale=None, **opts)
-            assert_close_rows(folded.scores, want.scores, 2e-4, 2e-5, "scores")
-            assert_close_rows(folded.importance, want.importance, 2e-4, 2e-5, "importance")
-
-
 def test_defaults(device: str) -> None:
     q, k, v = make_inputs(1, 4, 2, 60, 8, 64, torch.float32, device, 5)
     want = reference(

@@ -41,16 +41,9 @@ def make_step(
     batch, kv_heads, n = k.shape[0], k.shape[1], k.shape[2]
     prefix = n - WINDOW
     caps = torch.empty(batch, kv_heads, dtype=torch.int32, device=k.device)
+    layer = {"budget": budget, "window": WINDOW, "layer_idx": layers // 2, "num_layers": layers}
     # as the cache sizes them: the policy's capacity bound
-    max_cap = capacity_bound(
-        policy,
-        budget=budget,
-        window=WINDOW,
-        layer_idx=layers // 2,
-        num_layers=layers,
-        num_kv_heads=kv_heads,
-        prefix=prefix,
-    )
+    max_cap = capacity_bound(policy, num_kv_heads=kv_heads, prefix=prefix, **layer)
     positions = torch.empty(batch, kv_heads, max(max_cap, 1), dtype=torch.int32, device=k.device)
     counts = torch.empty(batch, kv_heads, dtype=torch.int32, device=k.device)
 
@@ -71,14 +64,11 @@ def make_step(
             policy,
             importance,
             res.scores,
-            budget=budget,
-            window=WINDOW,
-            layer_idx=layers // 2,
-            num_layers=layers,
             capacities=caps,
             positions=positions,
             counts=counts,
             validate=False,
+            **layer,
         )
 
     return step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -121,6 +122,48 @@ def _check_importance(imp: torch.Tensor, policy: str, window: int, lengths: torc
         raise ValueError("importance must be finite over each sequence's valid prefix (adakv)")
 
 
+class PolicyArguments(NamedTuple):
+    """A policy's checked layer arguments and options."""
+
+    leading: tuple[object, ...]  # the core's leading arguments: policy through its options
+    options: dict[str, object]
+    window: int
+    layer_idx: int
+    num_layers: int
+
+
+def policy_arguments(
+    policy: str,
+    budget: object,
+    window: object,
+    layer_idx: object,
+    num_layers: object,
+    policy_options: dict[str, object],
+) -> PolicyArguments:
+    """Checks a policy, its layer arguments and its options."""
+    check_choice("policy", policy, POLICIES)
+    budget = check_int("budget", budget, minimum=1)
+    window = check_int("window", window, minimum=1)
+    num_layers = check_int("num_layers", num_layers, minimum=1)
+    layer_idx = check_int("layer_idx", layer_idx, minimum=0)
+    if layer_idx >= num_layers:
+        raise ValueError(f"layer_idx must lie in [0, {num_layers}) (num_layers), got {layer_idx}")
+    opts = _resolve_options(policy, dict(policy_options))
+    leading = (
+        POLICIES.index(policy),
+        budget,
+        window,
+        layer_idx,
+        num_layers,
+        float(opts.get("beta", 20.0)),  # type: ignore[arg-type]
+        float(opts.get("floor", 0.2)),  # type: ignore[arg-type]
+        bool(opts.get("normalize", True)),
+        int(opts.get("skip", 0)),  # type: ignore[call-overload]
+        float(opts.get("ratio", 0.1)),  # type: ignore[arg-type]
+    )
+    return PolicyArguments(leading, opts, window, layer_idx, num_layers)
+
+
 def prepare_capacities(
     policy: str,
     importance: object,
@@ -139,48 +182,29 @@ def prepare_capacities(
     Returns the core's leading arguments (policy through its options) and its tensors
     (importance, valid lengths, head scores, out).
     """
-    check_choice("policy", policy, POLICIES)
+    args = policy_arguments(policy, budget, window, layer_idx, num_layers, policy_options)
     imp = check_tensor("importance", importance, ndim=3, dtypes=(torch.float32,))
     check_last_dim_contiguous("importance", imp)
-    budget = check_int("budget", budget, minimum=1)
-    window = check_int("window", window, minimum=1)
-    num_layers = check_int("num_layers", num_layers, minimum=1)
-    layer_idx = check_int("layer_idx", layer_idx, minimum=0)
-    if layer_idx >= num_layers:
-        raise ValueError(f"layer_idx must lie in [0, {num_layers}) (num_layers), got {layer_idx}")
-    opts = _resolve_options(policy, dict(policy_options))
     b, h, p = imp.shape
     o = check_tensor("out", out, ndim=2, dtypes=(torch.int32,))
     if tuple(o.shape) != (b, h):
         raise ValueError(f"out must have shape [{b}, {h}], got {list(o.shape)}")
     if o.device != imp.device:
         raise ValueError(f"out is on {o.device} but importance is on {imp.device}; they must share a device")
-    lengths = _valid_lengths(valid_lengths, b, p + window, imp.device, validate)
+    lengths = _valid_lengths(valid_lengths, b, p + args.window, imp.device, validate)
     scores_row = None
     if policy == "sparsemm":
         scores_row = _layer_head_scores(
-            opts["head_scores"],
-            layer_idx=layer_idx,
-            num_layers=num_layers,
+            args.options["head_scores"],
+            layer_idx=args.layer_idx,
+            num_layers=args.num_layers,
             heads=h,
             device=imp.device,
             validate=validate,
         )
     if validate:
-        _check_importance(imp, policy, window, lengths)
-    leading = (
-        POLICIES.index(policy),
-        budget,
-        window,
-        layer_idx,
-        num_layers,
-        float(opts.get("beta", 20.0)),  # type: ignore[arg-type]
-        float(opts.get("floor", 0.2)),  # type: ignore[arg-type]
-        bool(opts.get("normalize", True)),
-        int(opts.get("skip", 0)),  # type: ignore[call-overload]
-        float(opts.get("ratio", 0.1)),  # type: ignore[arg-type]
-    )
-    return leading, (imp, lengths, scores_row, o)
+        _check_importance(imp, policy, args.window, lengths)
+    return args.leading, (imp, lengths, scores_row, o)
 
 
 def capacities_into(
@@ -275,29 +299,7 @@ def capacity_bound(
     ``min(2 base - floor(base / beta), P)``, adakv ``min(Hkv base, P)`` (``base`` below ``skip``),
     sparsemm ``P``. Same options as :func:`capacities` (``head_scores`` is not read).
     """
-    check_choice("policy", policy, POLICIES)
-    budget = check_int("budget", budget, minimum=1)
-    window = check_int("window", window, minimum=1)
-    num_layers = check_int("num_layers", num_layers, minimum=1)
-    layer_idx = check_int("layer_idx", layer_idx, minimum=0)
-    if layer_idx >= num_layers:
-        raise ValueError(f"layer_idx must lie in [0, {num_layers}) (num_layers), got {layer_idx}")
+    args = policy_arguments(policy, budget, window, layer_idx, num_layers, dict(policy_options))
     heads = check_int("num_kv_heads", num_kv_heads, minimum=1)
     columns = check_int("prefix", prefix, minimum=0)
-    opts = _resolve_options(policy, dict(policy_options))
-    return int(
-        _core.capacity_bound(  # type: ignore[call-overload]
-            POLICIES.index(policy),
-            budget,
-            window,
-            layer_idx,
-            num_layers,
-            float(opts.get("beta", 20.0)),  # type: ignore[arg-type]
-            float(opts.get("floor", 0.2)),  # type: ignore[arg-type]
-            bool(opts.get("normalize", True)),
-            int(opts.get("skip", 0)),  # type: ignore[call-overload]
-            float(opts.get("ratio", 0.1)),  # type: ignore[arg-type]
-            heads,
-            columns,
-        )
-    )
+    return int(_core.capacity_bound(*args.leading, heads, columns))  # type: ignore[call-overload]

@@ -220,35 +220,12 @@ union TopCandShared {
 };
 
 // The shortlist forms of the two row kinds (rows of G blocks whose G · m candidates fit one block; see
-// select_merge_kernel): each block cuts its chunk to its top m alone and writes those keys (and positions)
-// into block 0's shared memory (`mkey` / `mpos`: G slots of m, unused entries below -inf) behind one cluster
-// barrier; block 0 then cuts the G · m candidates. The row's top m (and top base) lie among them.
-struct Merged {
-  uint32_t* key;  // [G][m] in this block's shared memory (block 0's copy is the one read)
-  int32_t* pos;
-};
-
-// Pushes this block's top `take` entries (order keys, positions lo + i) into slot `rank` of block 0's
-// Merged arrays, -inf past them; waits for the cluster barrier the caller arrived at first, and syncs
-// the cluster after (block 0 then holds every block's entries).
-template <typename KeyAt>
-__device__ __forceinline__ void push_shortlist(KeyAt key_at, int n_local, const csel::Cut& mine, csel::Shared& sh,
-                                               const csel::Cluster& cluster, int rank, const Merged& mg, int m,
-                                               int lo, bool with_pos) {
-  cluster.barrier_wait();  // every block of the cluster has started (arrived at its start)
-  uint32_t* to_key = cluster.map_shared_rank(mg.key, 0) + rank * m;
-  int32_t* to_pos = cluster.map_shared_rank(mg.pos, 0) + rank * m;
-  csel::emit_in_order(key_at, n_local, mine, sh, [&](uint32_t slot, int i) {
-    to_key[slot] = key_at(i);
-    if (with_pos) to_pos[slot] = lo + i;
-  });
-  for (int i = static_cast<int>(mine.take) + static_cast<int>(threadIdx.x); i < m; i += blockDim.x) to_key[i] = 0u;
-  cluster.sync();
-}
-
+// select_merge_kernel and csel::push_shortlist): each block cuts its chunk to its top m alone and writes
+// those keys (and positions) into block 0's shared memory; block 0 then cuts the G · m candidates. The row's
+// top m (and top base) lie among them.
 template <bool kCached, int NT>
 __device__ __forceinline__ void adakv_top_row_merge(const BudgetArgs& a, const AdaWork& w, int row,
-                                                    const csel::Cluster& cluster, int G, int rank, const Merged& mg,
+                                                    const csel::Cluster& cluster, int G, int rank, const csel::Shortlist& mg,
                                                     uint32_t* cached_keys, TopCandShared<NT>& u) {
   csel::SharedT<NT>& sh = u.top;  // the two-target view (sums, the shortlist's cut)
   csel::Shared& sh1 = u.cand;     // and the one-target view of the same storage (this block's cut)
@@ -272,7 +249,7 @@ __device__ __forceinline__ void adakv_top_row_merge(const BudgetArgs& a, const A
     if (threadIdx.x == 0) part[2 * rank] = all, part[2 * rank + 1] = 0.0;
     __syncthreads();  // thread 0 has read the warps' sums before the storage is reused
   }
-  push_shortlist(key_at, n_local, mine, sh1, cluster, rank, mg, m, lo, false);
+  csel::push_shortlist(key_at, n_local, mine, sh1, cluster, rank, mg, m, lo, false);
   if (rank != 0) return;
   const auto cand_at = [&mg](int i) { return mg.key[i]; };
   uint32_t c[NT];
@@ -300,7 +277,7 @@ __device__ __forceinline__ void adakv_top_row_merge(const BudgetArgs& a, const A
 
 template <bool kCached>
 __device__ __forceinline__ void candidate_row_merge(const BudgetArgs& a, const CandWork& c, int row,
-                                                    const csel::Cluster& cluster, int G, int rank, const Merged& mg,
+                                                    const csel::Cluster& cluster, int G, int rank, const csel::Shortlist& mg,
                                                     uint32_t* cached_keys, csel::Shared& sh) {
   cluster.barrier_arrive();
   const int b = row / a.H, h = row % a.H;
@@ -312,7 +289,7 @@ __device__ __forceinline__ void candidate_row_merge(const BudgetArgs& a, const C
   int32_t* out = c.positions + b * c.p_b + h * c.p_h;
   const int stride = G * static_cast<int>(blockDim.x);
   for (int i = c.m + rank * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x); i < c.C; i += stride) out[i] = -1;
-  push_shortlist(key_at, n_local, mine, sh, cluster, rank, mg, c.m, lo, true);
+  csel::push_shortlist(key_at, n_local, mine, sh, cluster, rank, mg, c.m, lo, true);
   if (rank != 0) return;
   const auto cand_at = [&mg](int i) { return mg.key[i]; };
   const csel::Cut cut = csel::cluster_cut<true>(cand_at, mg.key, G * c.m, static_cast<uint32_t>(c.m), sh, a.span);
@@ -328,7 +305,7 @@ __device__ __forceinline__ void candidate_row_merge(const BudgetArgs& a, const C
 
 // Clusters [0, B * H) of the grid: adakv_top_row; clusters [B * H, 2 B * H): candidate_row. Both
 // halves read rows of P scores, so they share the launch shape and run side by side.
-// kMerge: the shortlist forms (G · m <= kMergeMax; dynamic shared memory holds the Merged arrays, 2 ·
+// kMerge: the shortlist forms (G · m <= kMergeMax; dynamic shared memory holds the Shortlist arrays, 2 ·
 // round4(G · m) words, ahead of the cached keys).
 template <bool kCached, int NT, bool kMerge = false>
 __global__ void __launch_bounds__(512, 1) adakv_top_candidates_kernel(BudgetArgs a, AdaWork w, CandWork c) {
@@ -341,7 +318,7 @@ __global__ void __launch_bounds__(512, 1) adakv_top_candidates_kernel(BudgetArgs
   const int index = static_cast<int>(blockIdx.x) / G, cells = a.B * a.H;
   if constexpr (kMerge) {
     const int words = (G * c.m + 3) / 4 * 4;
-    const Merged mg{cached_keys, reinterpret_cast<int32_t*>(cached_keys + words)};
+    const csel::Shortlist mg{cached_keys, reinterpret_cast<int32_t*>(cached_keys + words)};
     uint32_t* keys = cached_keys + 2 * words;
     if (index < cells) {
       adakv_top_row_merge<kCached, NT>(a, w, index, cluster, G, rank, mg, keys, sh);

@@ -442,6 +442,33 @@ __device__ void emit_in_order(KeyAt key_at, int n_local, const Cut& cut, SharedT
   }
 }
 
+// A cluster's shortlists (rows whose G blocks' candidates fit one block): block 0's shared arrays of G slots
+// of m keys and positions, slot r holding block r's candidates in position order (entries past them below
+// -inf); the other blocks' copies go unused.
+struct Shortlist {
+  uint32_t* key;  // [G][m]
+  int32_t* pos;
+};
+
+// Writes this block's chosen entries (cut `mine` of its chunk: order keys, positions lo + i when with_pos)
+// into slot `rank` of block 0's Shortlist, keys below -inf past them. The caller arrived on the cluster
+// barrier at its start (every block has started before a remote write) and this waits for that phase
+// first; it ends with a cluster barrier, after which block 0 holds every block's entries.
+template <typename KeyAt>
+__device__ __forceinline__ void push_shortlist(KeyAt key_at, int n_local, const Cut& mine, Shared& sh,
+                                               const Cluster& cluster, int rank, const Shortlist& mg, int m, int lo,
+                                               bool with_pos) {
+  cluster.barrier_wait();
+  uint32_t* to_key = cluster.map_shared_rank(mg.key, 0) + rank * m;
+  int32_t* to_pos = cluster.map_shared_rank(mg.pos, 0) + rank * m;
+  emit_in_order(key_at, n_local, mine, sh, [&](uint32_t slot, int i) {
+    to_key[slot] = key_at(i);
+    if (with_pos) to_pos[slot] = lo + i;
+  });
+  for (int i = static_cast<int>(mine.take) + static_cast<int>(threadIdx.x); i < m; i += blockDim.x) to_key[i] = 0u;
+  cluster.sync();
+}
+
 // Loads n float values src[0 .. n) as order keys into keys[]; U loads per thread in flight.
 template <int U>
 __device__ __forceinline__ void load_keys(const float* __restrict__ src, int n, uint32_t* keys) {

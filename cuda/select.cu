@@ -93,16 +93,8 @@ __global__ void __launch_bounds__(512) select_merge_kernel(SelectArgs a, int chu
   const auto key_at = csel::row_keys<kCached>(src, n_local, cached_keys);
   const uint32_t c = static_cast<uint32_t>(min(max(cap, 0), min(a.P, a.C)));
   const csel::Cut mine = csel::cluster_cut<true>(key_at, kCached ? cached_keys : nullptr, n_local, c, sh, a.span);
-  cluster.barrier_wait();
-  uint32_t* to_key = cluster.map_shared_rank(mkey, 0) + rank * a.C;
-  int32_t* to_pos = cluster.map_shared_rank(mpos, 0) + rank * a.C;
-  csel::emit_in_order(key_at, n_local, mine, sh, [&](uint32_t slot, int i) {
-    to_key[slot] = key_at(i);
-    to_pos[slot] = lo + i;
-  });
-  for (int i = static_cast<int>(mine.take) + static_cast<int>(threadIdx.x); i < a.C; i += blockDim.x) to_key[i] = 0u;
-  cluster.sync();  // block 0 holds every block's candidates
-  if (rank != 0) return;
+  csel::push_shortlist(key_at, n_local, mine, sh, cluster, rank, csel::Shortlist{mkey, mpos}, a.C, lo, true);
+  if (rank != 0) return;  // block 0 holds every block's candidates
   int32_t* out = a.positions + b * a.p_b + h * a.p_h;
   const auto cand_at = [mkey](int i) { return mkey[i]; };
   const csel::Cut cut = csel::cluster_cut<true>(cand_at, mkey, slots, c, sh, a.span);

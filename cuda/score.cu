@@ -1456,7 +1456,7 @@ __device__ __forceinline__ void refill_ring(int it, int ntiles, int& issued, uin
 }
 
 // kKn (with kTma): key norms out (Params::kn_pass1). kUnits: the unit-key sums (the mean key m and the
-// online r; Params::need_m), which methods without the diversity signal do not read.
+// online r; read only where Params::need_d), which methods without the diversity signal skip.
 template <typename T, int NW, bool kTma, bool kKn = false, bool kUnits = true>
 __global__ void __launch_bounds__(NW * 128, 1) pass1_wgmma_kernel(Params<T> p, const __grid_constant__ CUtensorMap kmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
